@@ -80,6 +80,8 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
     ) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes)
+        if use_cache is None and (labels is not None or self.training):
+            use_cache = False  # training needs no cache, and packed rows are only detected without one
         return super().forward(
             attention_mask=attention_mask,
             position_ids=position_ids,

@@ -20,10 +20,15 @@ class CLIPVisionTower(nn.Module):
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
         self.vision_model = CLIPVisionModel(config)
-        # The official features come from the second-to-last layer, so the last layer and
-        # `post_layernorm` never see a gradient. They stay in the state dict (load/save) but are
-        # frozen so DDP finds no parameter that requires grad and gets none.
-        for module in (self.vision_model.encoder.layers[-1], self.vision_model.post_layernorm):
+        self.freeze_unused()
+
+    def unused_modules(self) -> list[nn.Module]:
+        """The official features come from the second-to-last layer: these never see a gradient."""
+        return [self.vision_model.encoder.layers[-1], self.vision_model.post_layernorm]
+
+    def freeze_unused(self) -> None:
+        """They stay in the state dict (load/save) but must not require grad, or DDP fails on them."""
+        for module in self.unused_modules():
             module.requires_grad_(False)
 
     def penultimate_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

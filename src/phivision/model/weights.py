@@ -90,6 +90,7 @@ def load_model(
         problems.append("keys with the wrong shape: " + ", ".join(str(k) for k in info["mismatched_keys"]))
     if problems:
         raise PhivisionError(f"{folder} does not match its config.json: " + "; ".join(problems))
+    model.model.vision_embed_tokens.img_processor.freeze_unused()
     return model
 
 
