@@ -87,7 +87,7 @@ class Phi3VProcessor:
             preprocessor = json.loads((folder / PREPROCESSOR_FILE).read_text())
         return cls(
             Phi3Tokenizer.from_folder(folder),
-            num_crops=num_crops or preprocessor.get("num_crops", 4),
+            num_crops=preprocessor.get("num_crops", 4) if num_crops is None else num_crops,
             crop_size=config.crop_size,
             merged_grid=config.merged_grid,
             image_mean=preprocessor.get("image_mean", CLIP_MEAN),
@@ -119,14 +119,16 @@ class Phi3VProcessor:
     # ---- images -------------------------------------------------------------------------------
 
     def image_token_count(self, width: int, height: int, num_crops: int | None = None) -> int:
-        rows, cols = crop_grid(width, height, num_crops or self.num_crops, self.crop_size)
+        rows, cols = crop_grid(width, height, self.num_crops if num_crops is None else num_crops, self.crop_size)
         return num_image_tokens(rows, cols, self.merged_grid)
 
     def process_images(
         self, images: list[Image.Image], num_crops: int | None = None, names: list[str] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """pixel_values [n, N+1, 3, S, S], image_sizes [n, 2] (padded h, w) and tokens per image."""
-        num_crops = num_crops or self.num_crops
+        num_crops = self.num_crops if num_crops is None else num_crops
+        if num_crops < 1:
+            raise PhivisionError(f"num_crops must be at least 1, got {num_crops}")
         names = names or [f"image {i + 1}" for i in range(len(images))]
         if not images:
             empty = torch.zeros(0, num_crops + 1, 3, self.crop_size, self.crop_size)
@@ -181,38 +183,54 @@ class Phi3VProcessor:
         for_generation: bool = False,
     ) -> Encoded:
         """A whole conversation as one example; with `for_generation`, stop at the last `<|assistant|>\\n`."""
-        if not turns:
-            raise PhivisionError(f"sample {sample_id!r} has no turns")
-        if train_on not in ("all", "last"):
-            raise PhivisionError(f"train_on must be 'all' or 'last', got {train_on!r}")
         all_images = [image for turn in turns for image in turn.images]
         all_names = [name for turn in turns for name in (turn.image_names or [None] * len(turn.images))]
         names = [name or f"sample {sample_id!r} image {i + 1}" for i, name in enumerate(all_names)]
         pixel_values, image_sizes, counts = self.process_images(all_images, num_crops, names)
-        input_ids: list[int] = []
-        labels: list[int] = []
-        first_image = 1
-        last = len(turns) - 1
-        for index, turn in enumerate(turns):
-            content = user_content(sample_id, index, turn.user, first_image, len(turn.images))
-            prompt = self.prompt_ids(user_turn(content), counts[first_image - 1 :], first_image)
-            if index > 0:
-                prompt = prompt[1:]  # one conversation, one leading BOS: later turns continue the text
-            input_ids.extend(prompt)
-            labels.extend([IGNORE_INDEX] * len(prompt))
-            first_image += len(turn.images)
-            if for_generation and index == last:
-                break
-            if turn.assistant is None:
-                raise PhivisionError(f"sample {sample_id!r}, turn {index + 1} has no assistant answer")
-            answer = self.tokenizer.encode(turn.assistant + END + "\n")
-            if index == last:
-                answer.append(self.tokenizer.endoftext_id)
-            input_ids.extend(answer)
-            labels.extend(answer if (train_on == "all" or index == last) else [IGNORE_INDEX] * len(answer))
+        texts = [(turn.user, turn.assistant, len(turn.images)) for turn in turns]
+        input_ids, labels = self.conversation_ids(sample_id, texts, counts, train_on, for_generation)
         return Encoded(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
             pixel_values=pixel_values,
             image_sizes=image_sizes,
         )
+
+    def conversation_ids(
+        self,
+        sample_id: str,
+        turns: list[tuple[str, str | None, int]],
+        tokens_per_image: list[int],
+        train_on: str = "all",
+        for_generation: bool = False,
+    ) -> tuple[list[int], list[int]]:
+        """input_ids and labels from (user, assistant, number of images) per turn and image token counts.
+
+        Needs no pixels, so token lengths of a whole dataset can be computed from image sizes alone.
+        """
+        if not turns:
+            raise PhivisionError(f"sample {sample_id!r} has no turns")
+        if train_on not in ("all", "last"):
+            raise PhivisionError(f"train_on must be 'all' or 'last', got {train_on!r}")
+        input_ids: list[int] = []
+        labels: list[int] = []
+        first_image = 1
+        last = len(turns) - 1
+        for index, (user, assistant, num_images) in enumerate(turns):
+            content = user_content(sample_id, index, user, first_image, num_images)
+            prompt = self.prompt_ids(user_turn(content), tokens_per_image[first_image - 1 :], first_image)
+            if index > 0:
+                prompt = prompt[1:]  # one conversation, one leading BOS: later turns continue the text
+            input_ids.extend(prompt)
+            labels.extend([IGNORE_INDEX] * len(prompt))
+            first_image += num_images
+            if for_generation and index == last:
+                break
+            if assistant is None:
+                raise PhivisionError(f"sample {sample_id!r}, turn {index + 1} has no assistant answer")
+            answer = self.tokenizer.encode(assistant + END + "\n")
+            if index == last:
+                answer.append(self.tokenizer.endoftext_id)
+            input_ids.extend(answer)
+            labels.extend(answer if (train_on == "all" or index == last) else [IGNORE_INDEX] * len(answer))
+        return input_ids, labels

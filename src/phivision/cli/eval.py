@@ -1,0 +1,42 @@
+"""`phivision eval`: batched greedy generation on a jsonl dataset, metrics, predictions.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder (a base, or a run's model/ folder)")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply to --model")
+    parser.add_argument("--data", required=True, help="jsonl dataset")
+    parser.add_argument("--image-root", default=None, help="image folder (default: images/ beside the jsonl)")
+    parser.add_argument("--metric", choices=["auto", "accuracy", "anls"], default="auto")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-crops", type=int, default=None, help="crops per image (default: the model folder's)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa")
+    parser.add_argument("--out", default=None, help="folder for predictions.jsonl and metrics.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    from phivision.cli.distributed import init_distributed
+    from phivision.evaluate.evaluation import evaluate_dataset
+    from phivision.evaluate.generate import load_for_inference
+    from phivision.processing.processor import Phi3VProcessor
+
+    init_distributed()
+    processor = Phi3VProcessor.from_pretrained(args.model, num_crops=args.num_crops)
+    model = load_for_inference(args.model, args.adapter, args.precision, args.attn)
+    metrics = evaluate_dataset(model, processor, args.data, args.image_root, args.metric, args.batch_size,
+                               args.max_new_tokens, args.limit, args.out)
+    if metrics:
+        name = metrics["metric"]
+        print(f"{name}: {metrics[name]:.4f} on {metrics['samples']} samples")
+        if "per_class_accuracy" in metrics:
+            print(json.dumps(metrics["per_class_accuracy"], indent=2))
+        if args.out:
+            print(f"wrote {args.out}/predictions.jsonl and {args.out}/metrics.json")
+    return 0

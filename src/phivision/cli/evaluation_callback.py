@@ -1,0 +1,39 @@
+"""Glue between training and evaluation: the task metric every `eval_steps`, logged like the loss."""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from phivision.train.config import TrainConfig
+
+
+class TaskMetricCallback(TrainerCallback):
+    """Greedy generation on up to `eval_samples` eval samples; logs `eval_<metric>`."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.trainer = None
+
+    def attach(self, trainer) -> None:
+        """The metric is logged through the trainer, so it reaches metrics.jsonl, the bar and TensorBoard."""
+        self.trainer = trainer
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        from phivision.evaluate.evaluation import evaluate_dataset
+        from phivision.processing.processor import Phi3VProcessor
+
+        processor = Phi3VProcessor.from_pretrained(self.config.model, num_crops=self.config.num_crops)
+        was_training = model.training
+        model.eval()
+        metrics = evaluate_dataset(
+            model, processor, self.config.eval_data, self.config.eval_image_root, self.config.metric,
+            self.config.eval_batch_size, self.config.max_new_tokens, self.config.eval_samples, progress=False,
+        )
+        model.train(was_training)
+        if metrics and self.trainer is not None:
+            self.trainer.log({f"eval_{metrics['metric']}": metrics[metrics["metric"]]})
+        return control
+
+
+def task_metric_callbacks(config: TrainConfig) -> list[TrainerCallback]:
+    return [TaskMetricCallback(config)] if config.eval_data and config.eval_steps else []

@@ -1,0 +1,56 @@
+"""`phivision predict`: one answer about images or a video, streamed to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply")
+    parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    parser.add_argument("--video", default=None, help="a video file, sampled to --frames frames")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--num-crops", type=int, default=None,
+                        help="default: 16 for one image, 4 for several images or a video (official guidance)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa")
+
+
+def default_num_crops(images: int) -> int:
+    return 16 if images == 1 else 4
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from phivision.evaluate.generate import generate, load_for_inference
+    from phivision.processing.images import load_image
+    from phivision.processing.processor import ChatTurn, Phi3VProcessor
+    from phivision.processing.video import load_frames
+
+    images = [load_image(path) for path in args.image]
+    names = list(args.image)
+    if args.video:
+        frames = load_frames(args.video, args.frames)
+        images += frames
+        names += [f"{args.video} frame {k + 1}" for k in range(len(frames))]
+    num_crops = args.num_crops or default_num_crops(len(images))
+    processor = Phi3VProcessor.from_pretrained(args.model, num_crops=num_crops)
+    model = load_for_inference(args.model, args.adapter, args.precision, args.attn)
+    prompt = processor.encode_conversation("prompt", [ChatTurn(args.prompt, None, images, names)], for_generation=True)
+    streamer = TextStreamer(_StreamingTokenizer(processor.tokenizer), skip_prompt=True)
+    generate(model, processor, [prompt], args.max_new_tokens, streamer=streamer)
+    return 0
+
+
+class _StreamingTokenizer:
+    """The small part of a tokenizer interface `TextStreamer` uses."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def decode(self, ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

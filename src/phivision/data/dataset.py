@@ -1,0 +1,177 @@
+"""From jsonl samples to processor encodings, lazily: each item reads its line and media on demand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from phivision.data.format import DEFAULT_FRAMES, JsonlDataset, Sample, default_image_root, is_video, resolve_media
+from phivision.errors import PhivisionError
+from phivision.processing.images import load_image
+from phivision.processing.processor import ChatTurn, Encoded, Phi3VProcessor
+from phivision.processing.video import load_frames
+
+def load_media(paths: list[Path], frames: int | None) -> tuple[list[Image.Image], list[str]]:
+    """Images and their names for errors; a video file stands for `frames` frames, sampled officially."""
+    images: list[Image.Image] = []
+    names: list[str] = []
+    for path in paths:
+        if is_video(path.name):
+            video_frames = load_frames(path, frames or DEFAULT_FRAMES)
+            images.extend(video_frames)
+            names.extend(f"{path} frame {k + 1}" for k in range(len(video_frames)))
+        else:
+            images.append(load_image(path))
+            names.append(str(path))
+    return images, names
+
+
+def media_sizes(paths: list[Path], frames: int | None) -> list[tuple[int, int]]:
+    """(width, height) per image; images are decoded (so a corrupt one fails here), videos only opened."""
+    sizes: list[tuple[int, int]] = []
+    for path in paths:
+        if is_video(path.name):
+            import av
+
+            if not path.is_file():
+                raise PhivisionError(f"video {path} does not exist")
+            try:
+                container = av.open(str(path))
+            except av.FFmpegError as error:
+                raise PhivisionError(f"video {path} cannot be opened ({error})") from None
+            with container:
+                if not container.streams.video:
+                    raise PhivisionError(f"video {path} has no video stream")
+                stream = container.streams.video[0]
+                sizes.extend([(stream.codec_context.width, stream.codec_context.height)] * (frames or DEFAULT_FRAMES))
+        else:
+            sizes.append(load_image(path).size)
+    return sizes
+
+
+def chat_turns(sample: Sample, image_root: Path) -> list[ChatTurn]:
+    turns = []
+    for turn, paths in zip(sample.turns, resolve_media(sample, image_root)):
+        images, names = load_media(paths, turn.frames)
+        turns.append(ChatTurn(turn.user, turn.assistant, images, names))
+    return turns
+
+
+def sample_length(sample: Sample, image_root: Path, processor: Phi3VProcessor, train_on: str = "all") -> int:
+    """Exact token length of a training example, from image sizes alone."""
+    counts = []
+    texts = []
+    for turn, paths in zip(sample.turns, resolve_media(sample, image_root)):
+        sizes = media_sizes(paths, turn.frames)
+        counts.extend(processor.image_token_count(width, height) for width, height in sizes)
+        texts.append((turn.user, turn.assistant, len(sizes)))
+    input_ids, _ = processor.conversation_ids(sample.id, texts, counts, train_on)
+    return len(input_ids)
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Training or evaluation examples; `indices` selects the lines that passed the up-front check."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        processor: Phi3VProcessor,
+        image_root: str | Path | None = None,
+        train_on: str = "all",
+        indices: list[int] | None = None,
+        lengths: list[int] | None = None,
+        for_generation: bool = False,
+    ):
+        self.path = Path(path)
+        self.samples = JsonlDataset(self.path)
+        self.processor = processor
+        self.image_root = Path(image_root) if image_root else default_image_root(self.path)
+        self.train_on = train_on
+        self.indices = list(range(len(self.samples))) if indices is None else list(indices)
+        self.lengths = lengths
+        self.for_generation = for_generation
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def sample(self, index: int) -> Sample:
+        return self.samples[self.indices[index]]
+
+    def __getitem__(self, index: int) -> Encoded:
+        sample = self.sample(index)
+        try:
+            turns = chat_turns(sample, self.image_root)
+            return self.processor.encode_conversation(
+                sample.id, turns, train_on=self.train_on, for_generation=self.for_generation
+            )
+        except PhivisionError as error:
+            raise PhivisionError(f"{sample.file}:{sample.line}: {error}") from None
+
+
+@dataclass
+class CheckedData:
+    """What training may use: line positions, their exact token lengths, and what was skipped."""
+
+    indices: list[int]
+    lengths: list[int]
+    skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def check_dataset(
+    path: str | Path,
+    processor: Phi3VProcessor,
+    image_root: str | Path | None = None,
+    max_length: int = 8192,
+    skip_invalid: bool = False,
+    skip_too_long: bool = False,
+    train_on: str = "all",
+) -> CheckedData:
+    """Every sample checked before training starts: a bad one is an error unless skipping was asked for.
+
+    Image tokens are never truncated, so an over-long sample is either an error or skipped.
+    """
+    from tqdm.auto import tqdm
+
+    samples = JsonlDataset(path)
+    root = Path(image_root) if image_root else default_image_root(path)
+    checked = CheckedData([], [])
+    invalid: list[str] = []
+    too_long: list[str] = []
+    for position in tqdm(range(len(samples)), desc=f"check {Path(path).name}", leave=False,
+                         disable=len(samples) < 1000):
+        try:
+            sample = samples[position]
+            length = sample_length(sample, root, processor, train_on)
+        except PhivisionError as error:
+            message = str(error)
+            if not message.startswith(str(path)):
+                message = f"{path}:{samples.line_number(position)}: {message}"
+            invalid.append(message)
+            continue
+        if length > max_length:
+            too_long.append(
+                f"{sample.where}: sample {sample.id!r} is {length} tokens, over max_length={max_length} "
+                "(image tokens are never truncated): raise max_length, lower num_crops, or set skip_too_long: true"
+            )
+            continue
+        checked.indices.append(position)
+        checked.lengths.append(length)
+    for problems, allowed, key, reason in ((invalid, skip_invalid, "skip_invalid", "invalid"),
+                                           (too_long, skip_too_long, "skip_too_long", "too long")):
+        if problems and not allowed:
+            shown = "\n  ".join(problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise PhivisionError(
+                f"{len(problems)} {reason} sample(s) in {path}:\n  {shown}{more}\n"
+                f"Fix them (see `phivision validate`), or set {key}: true to skip and count them"
+            )
+        if problems:
+            checked.skipped += len(problems)
+            checked.skip_reasons[reason] = len(problems)
+    if not checked.indices:
+        raise PhivisionError(f"{path}: no usable samples")
+    return checked

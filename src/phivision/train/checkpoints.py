@@ -1,0 +1,68 @@
+"""Checkpoints that are either complete or absent.
+
+Every checkpoint is written into a staging folder and renamed into place once all processes
+have finished writing, so a kill during a save never leaves a `checkpoint-N` that looks whole.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from phivision.errors import PhivisionError
+
+STAGING = ".staging"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKER = "trainer_state.json"
+
+
+def staging_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / STAGING
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint folders in step order (a folder is only ever complete, but check anyway)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT.match(path.name)
+        if match and path.is_dir() and (path / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> str | None:
+    """`auto` -> the latest complete checkpoint (or None for a fresh start); a path must be complete."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        checkpoints = complete_checkpoints(output_dir)
+        return str(checkpoints[-1]) if checkpoints else None
+    path = Path(resume)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise PhivisionError(f"--resume {resume}: not a complete checkpoint folder (no {COMPLETE_MARKER})")
+    return str(path)
+
+
+def clear_staging(output_dir: str | Path) -> None:
+    """What a killed save left behind is incomplete by construction: remove it."""
+    shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Atomic on POSIX: the checkpoint appears whole or not at all."""
+    if final.exists():
+        shutil.rmtree(final)
+    staged.rename(final)
+
+
+def disk_error(step: int, output_dir: str | Path, error: OSError) -> PhivisionError:
+    previous = complete_checkpoints(output_dir)
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    return PhivisionError(
+        f"saving the checkpoint at step {step} failed ({error.strerror or error}); {kept}. "
+        "Free disk space (or lower save_total_limit) and resume with --resume auto"
+    )

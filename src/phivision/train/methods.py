@@ -1,0 +1,127 @@
+"""Training methods: which weights load how, and which of them learn.
+
+| method         | learns                                                     |
+|----------------|------------------------------------------------------------|
+| full           | everything (but the two CLIP parts the features never use) |
+| freeze_vision  | everything but the CLIP tower (text embeddings do learn)   |
+| projector_only | the image projection and the two separators                |
+| lora / qlora   | low-rank adapters; qlora keeps the decoder in 4-bit NF4    |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from phivision.errors import PhivisionError
+from phivision.model.modeling import Phi3VForCausalLM
+from phivision.model.weights import load_model
+from phivision.train.config import TrainConfig
+
+LORA_GROUPS = ("decoder", "vision", "projector", "lm_head")
+DEFAULT_LORA_GROUPS = ["decoder", "vision", "projector"]
+VISION_PREFIX = r"model\.vision_embed_tokens\."
+# Kept unquantised by QLoRA: the vision tower, the projector and the output head.
+QLORA_SKIP_MODULES = ["model.vision_embed_tokens", "lm_head"]
+
+
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    """The precision the forward pass runs in; `auto` is bf16 on a GPU that has it, else fp32."""
+    if config.precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision]
+
+
+def weight_dtype(config: TrainConfig) -> torch.dtype:
+    """Frozen bases load in the compute precision; trained full weights stay fp32 (autocast does the rest)."""
+    if config.method in ("lora", "qlora"):
+        return compute_dtype(config) if compute_dtype(config) != torch.float16 else torch.float32
+    return torch.float32
+
+
+def lora_target_pattern(model: Phi3VForCausalLM, targets: list[str] | None) -> str:
+    """A full-match regex over module names; groups expand to the official LoRA targets.
+
+    The last CLIP layer is never targeted: its output is unused, so adapters there would get no
+    gradient and break DDP.
+    """
+    targets = targets or DEFAULT_LORA_GROUPS
+    used_vision_layers = len(model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers) - 1
+    vision_layers = "|".join(str(i) for i in range(used_vision_layers))
+    groups = {
+        "decoder": r"model\.layers\.\d+\.(?:self_attn\.(?:qkv_proj|o_proj)|mlp\.(?:gate_up_proj|down_proj))",
+        "vision": VISION_PREFIX + rf"img_processor\.vision_model\.encoder\.layers\.(?:{vision_layers})\."
+        r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.(?:fc1|fc2))",
+        "projector": VISION_PREFIX + r"img_projection\.(?:0|2)",
+        "lm_head": r"lm_head",
+    }
+    patterns = []
+    for target in targets:
+        if target in groups:
+            patterns.append(groups[target])
+        elif target.replace("_", "").isalnum():
+            patterns.append(rf"(?!{VISION_PREFIX}img_processor\.vision_model\.encoder\.layers\.{used_vision_layers}\.).*\.{target}")
+        else:
+            raise PhivisionError(
+                f"lora_targets entry {target!r} is neither a group ({', '.join(LORA_GROUPS)}) nor a module name"
+            )
+    return "^(?:" + "|".join(patterns) + ")$"
+
+
+def load_for_training(config: TrainConfig, device_map=None) -> Phi3VForCausalLM:
+    """Load the base model as the method needs it (4-bit for qlora) and mark what learns."""
+    quantization = None
+    if config.method == "qlora":
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise PhivisionError("method qlora needs bitsandbytes: pip install 'phivision[qlora]'") from None
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(config),
+            llm_int8_skip_modules=QLORA_SKIP_MODULES,
+        )
+        device_map = device_map or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(
+        config.model, precision=weight_dtype(config), attn=config.attn,
+        quantization_config=quantization, device_map=device_map,
+    )
+    return apply_method(model, config)
+
+
+def apply_method(model: Phi3VForCausalLM, config: TrainConfig):
+    """Set requires_grad per method; adapters are added by peft. Returns the model to train."""
+    vision = model.model.vision_embed_tokens
+    if config.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if config.method == "qlora":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=config.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.resolved_lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=lora_target_pattern(model, config.lora_targets),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+    model.requires_grad_(config.method != "projector_only")
+    if config.method == "freeze_vision":
+        vision.img_processor.requires_grad_(False)
+    if config.method == "projector_only":
+        for parameter in (vision.glb_GN, vision.sub_GN, *vision.img_projection.parameters()):
+            parameter.requires_grad_(True)
+    vision.img_processor.freeze_unused()
+    return model
+
+
+def trainable_summary(model) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"

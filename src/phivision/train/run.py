@@ -1,0 +1,172 @@
+"""`run_training(config)`: datasets, model, Trainer, checkpoints and the final output folder.
+
+Output folder layout:
+    config.yaml          the resolved configuration
+    metrics.jsonl        every log line (loss, lr, img/s, tokens/s, eval metrics)
+    checkpoint-N/        complete checkpoints (weights or adapter, optimiser, scheduler, RNG, data position)
+    model/               the result: a full checkpoint in the official layout, or a LoRA adapter
+                         whose adapter_config.json points to the base; processor files either way
+    report.md, loss.png  a summary and the curves
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from phivision.data.collate import Collator
+from phivision.data.dataset import ConversationDataset, check_dataset
+from phivision.errors import PhivisionError
+from phivision.processing.folder import save_model_folder
+from phivision.processing.processor import Phi3VProcessor
+from phivision.train.checkpoints import clear_staging, resolve_resume
+from phivision.train.config import TrainConfig
+from phivision.train.methods import compute_dtype, load_for_training, trainable_summary
+from phivision.train.report import write_report
+from phivision.train.trainer import (
+    GracefulInterruptCallback,
+    MetricsFileCallback,
+    PhivisionTrainer,
+    ProgressBarCallback,
+)
+
+DEEPSPEED_PRESETS = ("zero2", "zero3")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path | None
+    global_step: int
+    interrupted: bool
+    skipped_samples: int
+
+
+def deepspeed_config_path(name: str | None) -> str | None:
+    """`zero2` / `zero3` are shipped configs (official ZeRO-2 settings); anything else is a path."""
+    if not name:
+        return None
+    if name in DEEPSPEED_PRESETS:
+        return str(resources.files("phivision") / "train" / "deepspeed" / f"{name}.json")
+    if not Path(name).is_file():
+        raise PhivisionError(f"deepspeed: {name!r} is neither zero2, zero3 nor an existing json file")
+    return name
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def training_arguments(config: TrainConfig, world_size: int):
+    from transformers import TrainingArguments
+
+    dtype = compute_dtype(config)
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.per_device_batch_size,
+        per_device_eval_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation(world_size),
+        learning_rate=config.resolved_learning_rate,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_epsilon=config.adam_epsilon,
+        max_grad_norm=config.max_grad_norm,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if config.eval_steps else "no",
+        eval_steps=config.eval_steps,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        deepspeed=deepspeed_config_path(config.deepspeed),
+        dataloader_num_workers=config.dataloader_workers,
+        dataloader_persistent_workers=config.dataloader_workers > 0,
+        report_to=config.report_to or "none",
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def run_training(config: TrainConfig, resume: str | None = None, callbacks: list | None = None) -> TrainResult:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    output_dir = Path(config.output_dir)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config.gradient_accumulation(world_size)
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        clear_staging(output_dir)
+        (output_dir / "config.yaml").write_text(config.to_yaml())
+    processor = Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
+    checked = check_dataset(
+        config.train_data, processor, config.train_image_root, config.max_length,
+        config.skip_invalid, config.skip_too_long, config.train_on,
+    )
+    train_set = ConversationDataset(
+        config.train_data, processor, config.train_image_root, config.train_on, checked.indices, checked.lengths
+    )
+    eval_set = None
+    if config.eval_data and config.eval_steps:
+        eval_checked = check_dataset(
+            config.eval_data, processor, config.eval_image_root, config.max_length,
+            config.skip_invalid, config.skip_too_long, config.train_on,
+        )
+        eval_set = ConversationDataset(config.eval_data, processor, config.eval_image_root, config.train_on,
+                                       eval_checked.indices, eval_checked.lengths)
+    model = load_for_training(config)
+    if is_main_process():
+        print(f"phivision train: {config.method}, {trainable_summary(model)}, {len(train_set)} samples"
+              + (f" ({checked.skipped} skipped: {checked.skip_reasons})" if checked.skipped else ""))
+    interrupt = GracefulInterruptCallback()
+    trainer = PhivisionTrainer(
+        model=model,
+        args=training_arguments(config, world_size),
+        data_collator=Collator(processor.tokenizer.pad_id, processor.crop_size, packing=config.packing),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl"), ProgressBarCallback(), interrupt,
+                   *(callbacks or [])],
+        sample_lengths=checked.lengths if config.group_by_length else None,
+    )
+    for callback in callbacks or []:
+        if hasattr(callback, "attach"):
+            callback.attach(trainer)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.train(resume_from_checkpoint=resolve_resume(resume, output_dir))
+    if interrupt.requested:
+        return TrainResult(output_dir, None, trainer.state.global_step, True, checked.skipped)
+    model_dir = output_dir / "model"
+    save_final(trainer, processor, config, model_dir)
+    if is_main_process():
+        write_report(output_dir, config, trainer.state.global_step, len(train_set), checked.skipped)
+    return TrainResult(output_dir, model_dir, trainer.state.global_step, False, checked.skipped)
+
+
+def save_final(trainer, processor: Phi3VProcessor, config: TrainConfig, model_dir: Path) -> None:
+    """Official layout for full weights (bf16 when trained in bf16), or the adapter; processor files."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if config.method in ("lora", "qlora") or trainer.is_deepspeed_enabled:
+        trainer.save_model(str(model_dir))
+        if is_main_process():
+            processor.save_pretrained(model_dir)
+    elif is_main_process():
+        precision = "bf16" if compute_dtype(config) == torch.bfloat16 else None
+        save_model_folder(model, processor, model_dir, precision)
+    trainer.accelerator.wait_for_everyone()

@@ -1,0 +1,179 @@
+"""A thin `transformers.Trainer` subclass: atomic checkpoints, a NaN guard, throughput, a fixed order.
+
+Everything else (the loop, gradient accumulation with a token-mean loss over the global batch,
+DDP, DeepSpeed, mixed precision, checkpoint contents and resume) is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
+
+from phivision.data.sampler import EpochShuffleSampler
+from phivision.errors import PhivisionError
+from phivision.train.checkpoints import complete_checkpoints, disk_error, publish, staging_dir
+
+
+class PhivisionTrainer(Trainer):
+    def __init__(self, *args, sample_lengths: list[int] | None = None, **kwargs):
+        """`sample_lengths`, when given, groups similar lengths into the same batches."""
+        super().__init__(*args, **kwargs)
+        self.sample_lengths = sample_lengths
+        self._staging = False
+        self._images = 0
+        self._tokens = 0
+        self._window_start = time.perf_counter()
+
+    # ---- order ------------------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Order depends on (seed, epoch) only, so a resumed run replays exactly the same batches."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return EpochShuffleSampler(len(dataset), self.args.seed, self.sample_lengths,
+                                   self.args.per_device_train_batch_size)
+
+    # ---- steps ------------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if "image_sizes" in inputs:
+            self._images += int(inputs["image_sizes"].shape[0])
+        self._tokens += int(inputs["input_ids"].numel() if "attention_mask" not in inputs else inputs["attention_mask"].sum())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            previous = complete_checkpoints(self.args.output_dir)
+            kept = f"the last good checkpoint is {previous[-1]}" if previous else "no checkpoint was saved yet"
+            raise PhivisionError(
+                f"the loss became {loss.item()} at step {self.state.global_step + 1}; stopped, {kept}. "
+                "Lower learning_rate, or use bf16/fp32 instead of fp16"
+            )
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+            world = self.args.world_size
+            logs["images_per_second"] = round(self._images * world / elapsed, 3)
+            logs["tokens_per_second"] = round(self._tokens * world / elapsed, 1)
+            self._images = self._tokens = 0
+            self._window_start = time.perf_counter()
+        super().log(logs, start_time)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial) -> str:
+        if self._staging:
+            return str(staging_dir(self.args.output_dir))
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write into a staging folder, then rename into place once every process is done."""
+        name = f"checkpoint-{self.state.global_step}"
+        staged = staging_dir(self.args.output_dir) / name
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as error:
+            if self.args.should_save:
+                import shutil
+
+                shutil.rmtree(staged, ignore_errors=True)
+            raise disk_error(self.state.global_step, self.args.output_dir, error) from None
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish(staged, Path(self.args.output_dir) / name)
+            rotate_checkpoints(
+                output_dir=self.args.output_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Every log line also goes to `metrics.jsonl`, which the report and plots read."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as file:
+                file.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class ProgressBarCallback(TrainerCallback):
+    """One bar with loss, learning rate, images/s and tokens/s; tqdm supplies the ETA."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        shown = {"loss": "loss", "learning_rate": "lr", "images_per_second": "img/s", "tokens_per_second": "tok/s",
+                 "eval_loss": "eval_loss"}
+        postfix = {label: f"{logs[key]:.4g}" for key, label in shown.items() if key in logs}
+        postfix.update({key: f"{value:.4g}" for key, value in logs.items() if key.startswith("eval_") and
+                        key not in shown and isinstance(value, float)})
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class GracefulInterruptCallback(TrainerCallback):
+    """Ctrl-C finishes the current step, saves a checkpoint and stops; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self.previous = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.requested
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([1.0 if requested else 0.0])
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag)  # every rank stops at the same step
+            requested = bool(flag.item())
+        if requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
