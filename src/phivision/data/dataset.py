@@ -72,6 +72,14 @@ def sample_length(sample: Sample, image_root: Path, processor: Phi3VProcessor, t
     return len(input_ids)
 
 
+def build_token_counter(model_dir: str | Path, num_crops: int | None, data: str | Path,
+                        image_root: str | Path | None = None):
+    """Exact training length of a sample, for `phivision validate --model`."""
+    processor = Phi3VProcessor.from_pretrained(model_dir, num_crops=num_crops)
+    root = Path(image_root) if image_root else default_image_root(data)
+    return lambda sample: sample_length(sample, root, processor)
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Training or evaluation examples; `indices` selects the lines that passed the up-front check."""
 

@@ -60,6 +60,8 @@ def hd_grid(width: int, height: int, num_crops: int, crop_size: int) -> tuple[in
 
 def crop_grid(width: int, height: int, num_crops: int, crop_size: int) -> tuple[int, int]:
     """(rows, cols) of HD tiles an image of this size gets: what the token count depends on."""
+    if num_crops < 1:
+        raise PhivisionError(f"num_crops must be at least 1, got {num_crops}")
     if width < height:
         cols, rows = crop_grid(height, width, num_crops, crop_size)
         return rows, cols

@@ -39,6 +39,7 @@ DEEPSPEED_PRESETS = ("zero2", "zero3")
 
 @dataclass
 class TrainResult:
+    model: object
     output_dir: Path
     model_dir: Path | None
     global_step: int
@@ -151,12 +152,12 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
     trainer.remove_callback(ProgressCallback)
     trainer.train(resume_from_checkpoint=resolve_resume(resume, output_dir))
     if interrupt.requested:
-        return TrainResult(output_dir, None, trainer.state.global_step, True, checked.skipped)
+        return TrainResult(trainer.model, output_dir, None, trainer.state.global_step, True, checked.skipped)
     model_dir = output_dir / "model"
     save_final(trainer, processor, config, model_dir)
     if is_main_process():
         write_report(output_dir, config, trainer.state.global_step, len(train_set), checked.skipped)
-    return TrainResult(output_dir, model_dir, trainer.state.global_step, False, checked.skipped)
+    return TrainResult(trainer.model, output_dir, model_dir, trainer.state.global_step, False, checked.skipped)
 
 
 def save_final(trainer, processor: Phi3VProcessor, config: TrainConfig, model_dir: Path) -> None:

@@ -1,0 +1,299 @@
+"""Training: config errors, every method learns what it should, faults, resume, DDP and ZeRO-2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phivision.cli.main import main
+from phivision.errors import PhivisionError
+from phivision.train.config import ConfigError, load_config
+from phivision.train.run import run_training
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory):
+    """48 real digit samples (and 16 for eval) from the demo's dataset writer."""
+    from phivision.data.digits import write_digits_task
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_task(root)
+    for split, count in (("train", 48), ("test", 16)):
+        lines = (root / f"{split}.jsonl").read_text().splitlines()[:count]
+        (root / f"small_{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def base_config(model_dir, data, out, **overrides) -> dict:
+    values = {
+        "model": str(model_dir), "train_data": str(data / "small_train.jsonl"), "output_dir": str(out),
+        "method": "full", "num_crops": 1, "global_batch_size": 8, "per_device_batch_size": 8,
+        "max_steps": 6, "save_steps": 3, "logging_steps": 1, "learning_rate": 3e-3, "warmup_steps": 0,
+        "dataloader_workers": 0, "lora_rank": 8,
+    }
+    values.update(overrides)
+    return values
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# ---- configuration -------------------------------------------------------------------------
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path, tiny_model_dir):
+    config = write_yaml(tmp_path / "c.yaml", base_config(tiny_model_dir, tmp_path, tmp_path / "o", learnig_rate=1))
+    with pytest.raises(ConfigError, match="unknown config key 'learnig_rate' \\(did you mean 'learning_rate'\\?\\)"):
+        load_config(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=dora"], "method must be one of full, freeze_vision, projector_only, lora, qlora"),
+        (["packing=maybe"], "packing must be true/false"),
+        (["num_crops=0"], "num_crops must be at least 1"),
+        (["global_batch_size=10", "per_device_batch_size=4"], "not a multiple of per_device_batch_size=4"),
+        (["method=qlora", "deepspeed=zero2"], "qlora does not combine with DeepSpeed"),
+        (["eval_steps=5"], "eval_steps is set but eval_data is not"),
+        (["learning_rate"], "write it as key=value"),
+    ],
+)
+def test_config_errors_are_one_clear_line_and_exit_2(tmp_path, tiny_model_dir, capsys, overrides, message):
+    config = write_yaml(tmp_path / "c.yaml", base_config(tiny_model_dir, tmp_path, tmp_path / "o"))
+    argv = ["train", str(config)]
+    for override in overrides:
+        argv += ["--set", override]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1
+
+
+def test_overrides_are_typed_and_the_resolved_config_is_saved(tmp_path, tiny_model_dir, digits_data):
+    config = load_config(None, ["max_steps=2", "method=freeze_vision", "packing=false"],
+                         base=base_config(tiny_model_dir, digits_data, tmp_path / "run"))
+    assert (config.max_steps, config.method, config.packing) == (2, "freeze_vision", False)
+    run_training(config)
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved == config
+
+
+# ---- methods -------------------------------------------------------------------------------
+
+
+def train(tmp_path, model_dir, data, **overrides):
+    config = load_config(None, base=base_config(model_dir, data, tmp_path / "run", **overrides))
+    return run_training(config)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_full_fine_tuning_learns_and_writes_the_official_layout(tmp_path, tiny_model_dir, digits_data):
+    result = train(tmp_path, tiny_model_dir, digits_data)
+    curve = losses(result.output_dir)
+    assert curve[-1] < curve[0] - 1.0
+    before, after = tensors(tiny_model_dir), tensors(result.model_dir)
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"])
+    unused = "model.vision_embed_tokens.img_processor.vision_model.post_layernorm.weight"
+    assert torch.equal(before[unused], after[unused])
+    for name in ("report.md", "loss.png", "config.yaml", "metrics.jsonl", "model/preprocessor_config.json",
+                 "model/tokenizer.json"):
+        assert (result.output_dir / name).is_file(), name
+
+
+def test_freeze_vision_leaves_clip_bitwise_unchanged_but_trains_embeddings(tmp_path, tiny_model_dir, digits_data):
+    result = train(tmp_path, tiny_model_dir, digits_data, method="freeze_vision")
+    before, after = tensors(tiny_model_dir), tensors(result.model_dir)
+    clip = [name for name in before if ".img_processor." in name]
+    assert clip and all(torch.equal(before[name], after[name]) for name in clip)
+    assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert not torch.equal(before["model.vision_embed_tokens.img_projection.0.weight"],
+                           after["model.vision_embed_tokens.img_projection.0.weight"])
+
+
+def test_projector_only_trains_projection_and_separators_only(tmp_path, tiny_model_dir, digits_data):
+    result = train(tmp_path, tiny_model_dir, digits_data, method="projector_only")
+    before, after = tensors(tiny_model_dir), tensors(result.model_dir)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {
+        "model.vision_embed_tokens.img_projection.0.weight", "model.vision_embed_tokens.img_projection.0.bias",
+        "model.vision_embed_tokens.img_projection.2.weight", "model.vision_embed_tokens.img_projection.2.bias",
+        "model.vision_embed_tokens.glb_GN", "model.vision_embed_tokens.sub_GN",
+    }
+
+
+def test_lora_trains_adapters_on_the_official_targets_and_leaves_the_base(tmp_path, tiny_model_dir, digits_data):
+    result = train(tmp_path, tiny_model_dir, digits_data, method="lora", learning_rate=1e-2)
+    curve = losses(result.output_dir)
+    assert curve[-1] < curve[0]
+    base = tensors(tiny_model_dir)
+    state = {name.replace("base_model.model.", "").replace(".base_layer", ""): tensor
+             for name, tensor in result.model.state_dict().items() if "lora_" not in name}
+    assert all(torch.equal(base[name], state[name].float()) for name in base)
+    adapter = load_file(result.model_dir / "adapter_model.safetensors")
+    adapted = {name.split(".lora_")[0].replace("base_model.model.", "") for name in adapter}
+    assert "model.layers.1.self_attn.qkv_proj" in adapted and "model.layers.0.mlp.gate_up_proj" in adapted
+    assert "model.vision_embed_tokens.img_projection.2" in adapted
+    assert "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.1.mlp.fc2" in adapted
+    assert not any("encoder.layers.2." in name for name in adapted)  # the unused last CLIP layer
+    config = json.loads((result.model_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir) and config["r"] == 8
+
+
+def test_qlora_keeps_the_decoder_in_4_bit_and_the_vision_side_unquantised(tmp_path, tiny_model_dir, digits_data):
+    import bitsandbytes as bnb
+
+    result = train(tmp_path, tiny_model_dir, digits_data, method="qlora", learning_rate=1e-2)
+    curve = losses(result.output_dir)
+    assert curve[-1] < curve[0]
+    modules = dict(result.model.named_modules())
+    qkv = modules["base_model.model.model.layers.0.self_attn.qkv_proj"].base_layer
+    assert isinstance(qkv, bnb.nn.Linear4bit) and qkv.weight.quant_type == "nf4"
+    projection = modules["base_model.model.model.vision_embed_tokens.img_projection.0"].base_layer
+    assert type(projection) is torch.nn.Linear
+
+
+# ---- faults --------------------------------------------------------------------------------
+
+
+def test_bad_sample_fails_up_front_unless_skipping_is_asked_for(tmp_path, tiny_model_dir, digits_data):
+    data = tmp_path / "data.jsonl"
+    lines = (digits_data / "small_train.jsonl").read_text().splitlines()[:16]
+    lines.insert(3, '{"id": "broken", "conversations": [{"images": ["train/missing.png"], "user": "q", "assistant": "a"}]}')
+    data.write_text("\n".join(lines) + "\n")
+    overrides = {"train_data": str(data), "train_image_root": str(digits_data / "images"), "max_steps": 1}
+    with pytest.raises(PhivisionError, match=r"(?s)1 invalid sample\(s\) in .*data.jsonl:\n  .*data.jsonl:4: image .*missing.png does not exist"):
+        train(tmp_path, tiny_model_dir, digits_data, **overrides)
+    result = train(tmp_path, tiny_model_dir, digits_data, skip_invalid=True, **overrides)
+    assert result.skipped_samples == 1
+    assert "1 skipped" in (result.output_dir / "report.md").read_text()
+
+
+def test_too_long_sample_is_an_error_naming_the_fix(tmp_path, tiny_model_dir, digits_data):
+    with pytest.raises(PhivisionError, match="over max_length=20 .*skip_too_long: true"):
+        train(tmp_path, tiny_model_dir, digits_data, max_length=20)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, digits_data):
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    model.model.norm.weight.fill_(float("nan"))
+
+    config = load_config(None, base=base_config(tiny_model_dir, digits_data, tmp_path / "run", save_steps=3))
+    with pytest.raises(PhivisionError, match=r"loss became nan at step 4; .*last good checkpoint is .*checkpoint-3"):
+        run_training(config, callbacks=[Poison()])
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, digits_data, monkeypatch):
+    import errno
+
+    from phivision.train.trainer import PhivisionTrainer
+
+    original = PhivisionTrainer._save_optimizer_and_scheduler
+
+    def full_disk(self, output_dir):
+        if self.state.global_step == 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, output_dir)
+
+    monkeypatch.setattr(PhivisionTrainer, "_save_optimizer_and_scheduler", full_disk)
+    with pytest.raises(PhivisionError, match="step 6 failed \\(No space left on device\\); the previous checkpoint .*checkpoint-3 is intact"):
+        train(tmp_path, tiny_model_dir, digits_data)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not any((run / ".staging").glob("*"))
+
+
+# ---- processes -----------------------------------------------------------------------------
+
+
+def phivision_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "phivision.cli.main", *args]
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_model_dir, digits_data):
+    values = base_config(tiny_model_dir, digits_data, tmp_path / "straight", max_steps=12, save_steps=6,
+                         save_total_limit=None)
+    straight = write_yaml(tmp_path / "straight.yaml", values)
+    subprocess.run(phivision_command("train", str(straight)), check=True, capture_output=True)
+    killed = write_yaml(tmp_path / "killed.yaml", {**values, "output_dir": str(tmp_path / "killed")})
+    process = subprocess.Popen(phivision_command("train", str(killed)), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_for(tmp_path / "killed" / "checkpoint-6", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "model").exists()
+    subprocess.run(phivision_command("train", str(killed), "--resume", "auto"), check=True, capture_output=True)
+    first, second = tensors(tmp_path / "straight" / "model"), tensors(tmp_path / "killed" / "model")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path, tiny_model_dir, digits_data):
+    values = base_config(tiny_model_dir, digits_data, tmp_path / "run", max_steps=400, save_steps=1000)
+    config = write_yaml(tmp_path / "c.yaml", values)
+    process = subprocess.Popen(phivision_command("train", str(config)), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_for(tmp_path / "run" / "metrics.jsonl", process)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    checkpoints = list((tmp_path / "run").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and "--resume auto" in output
+
+
+def torchrun(tmp_path: Path, config: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_port=0" if False else f"--master_port={29500 + os.getpid() % 1000}",
+               "-m", "phivision.cli.main", "train", str(config)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", [None, "zero2"])
+def test_two_process_training_on_cpu(tmp_path, tiny_model_dir, digits_data, deepspeed):
+    values = base_config(tiny_model_dir, digits_data, tmp_path / "run", global_batch_size=8,
+                         per_device_batch_size=2, max_steps=4, save_steps=2)
+    if deepspeed:
+        values["deepspeed"] = deepspeed
+    completed = torchrun(tmp_path, write_yaml(tmp_path / "c.yaml", values))
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 4 and curve[-1] < curve[0]
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
