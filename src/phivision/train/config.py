@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class TrainConfig:
     deepspeed: str | None = None
     dataloader_workers: int = 2
     report_to: list[str] = field(default_factory=list)
+    per_method: dict | None = None
 
     @property
     def resolved_learning_rate(self) -> float:
@@ -111,8 +113,13 @@ def _allowed_types(hint) -> tuple:
     return (typing.get_origin(hint) or hint,)
 
 
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _check_type(key: str, value):
     allowed = _allowed_types(TYPE_HINTS[key])
+    if float in allowed and isinstance(value, str) and NUMBER.fullmatch(value):
+        value = float(value)  # YAML reads 1e-5 (no dot) as a string
     if value is None and type(None) in allowed:
         return value
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
@@ -139,6 +146,20 @@ def _parse_override(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+def _apply_per_method(values: dict, command_line: dict) -> dict:
+    """`per_method: {lora: {learning_rate: 2e-4}}` applies to the chosen method; --set still wins."""
+    per_method = values.get("per_method")
+    if per_method is None:
+        return values
+    if not isinstance(per_method, dict) or not all(isinstance(v, dict) for v in per_method.values()):
+        raise ConfigError("per_method must map method names to mappings of keys, e.g. {lora: {learning_rate: 2e-4}}")
+    unknown_methods = [name for name in per_method if name not in METHODS]
+    if unknown_methods:
+        raise ConfigError(f"per_method has unknown method {unknown_methods[0]!r}: use {', '.join(METHODS)}")
+    chosen = per_method.get(values.get("method", FIELDS["method"].default), {})
+    return {**values, **{k: v for k, v in chosen.items() if k not in command_line}}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> TrainConfig:
     """Read YAML (or start from `base`), apply `key=value` overrides, validate everything."""
     values: dict = dict(base or {})
@@ -153,9 +174,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of keys to values")
         values.update(loaded)
-    for override in overrides or []:
-        key, value = _parse_override(override)
-        values[key] = value
+    command_line = dict(_parse_override(override) for override in overrides or [])
+    values.update(command_line)
+    values = _apply_per_method(values, command_line)
     unknown = [key for key in values if key not in FIELDS]
     if unknown:
         key = unknown[0]
