@@ -297,3 +297,33 @@ def test_two_process_training_on_cpu(tmp_path, tiny_model_dir, digits_data, deep
     curve = losses(tmp_path / "run")
     assert len(curve) == 4 and curve[-1] < curve[0]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("recipe", ["docvqa", "hateful_memes", "nlvr2", "ucf101"])
+def test_shipped_recipes_load_with_the_published_per_method_values(recipe):
+    configs = Path(__file__).parent.parent / "configs"
+    full = load_config(configs / f"{recipe}.yaml")
+    lora = load_config(configs / f"{recipe}.yaml", ["method=lora"])
+    assert full.deepspeed == "zero2" and lora.deepspeed is None
+    assert lora.resolved_learning_rate == 2e-4
+    published = {"docvqa": (5e-6, 32, 16), "hateful_memes": (5e-5, 128, 256), "nlvr2": (1e-5, 64, 128),
+                 "ucf101": (1e-5, 64, 128)}[recipe]
+    assert (full.resolved_learning_rate, lora.lora_rank, lora.resolved_lora_alpha) == published
+
+
+def test_command_line_beats_per_method_values(tmp_path, tiny_model_dir):
+    values = {**base_config(tiny_model_dir, tmp_path, tmp_path / "o"),
+              "per_method": {"lora": {"learning_rate": 2e-4, "lora_rank": 32}}}
+    config = load_config(write_yaml(tmp_path / "c.yaml", values), ["method=lora", "learning_rate=1e-3"])
+    assert (config.learning_rate, config.lora_rank) == (1e-3, 32)
+    with pytest.raises(ConfigError, match="per_method has unknown method 'dora'"):
+        load_config(None, base={**values, "per_method": {"dora": {}}})
+
+
+def test_token_budget_packing_trains_with_variable_samples_per_step(tmp_path, tiny_model_dir, digits_data):
+    """48 digit samples of 37 tokens under a 200-token budget: 5 per step, so one epoch is 10 steps."""
+    result = train(tmp_path, tiny_model_dir, digits_data, max_tokens_per_batch=200, max_length=100,
+                   global_batch_size=1, per_device_batch_size=1, max_steps=-1, epochs=1, save_steps=100)
+    assert result.global_step == 10
+    curve = losses(result.output_dir)
+    assert curve[-1] < curve[0]

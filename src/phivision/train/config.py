@@ -49,6 +49,7 @@ class TrainConfig:
     global_batch_size: int = 64
     per_device_batch_size: int = 1
     packing: bool = True
+    max_tokens_per_batch: int | None = None
     group_by_length: bool = False
     gradient_checkpointing: bool = False
     lora_rank: int = 64
@@ -219,5 +220,12 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("qlora computes in bf16 or fp32; use precision: bf16 (or fp32 on a CPU)")
     if config.deepspeed and config.method == "qlora":
         raise ConfigError("qlora does not combine with DeepSpeed ZeRO: drop `deepspeed` (QLoRA fits one GPU)")
+    if config.max_tokens_per_batch is not None and not config.packing:
+        raise ConfigError("max_tokens_per_batch packs samples into one row: it needs packing: true")
+    if config.max_tokens_per_batch is not None and config.max_tokens_per_batch < config.max_length:
+        raise ConfigError(
+            f"max_tokens_per_batch={config.max_tokens_per_batch} is below max_length={config.max_length}: "
+            "a sample of max_length tokens must fit in one batch"
+        )
     if config.eval_steps is not None and not config.eval_data:
         raise ConfigError("eval_steps is set but eval_data is not: give eval_data or drop eval_steps")

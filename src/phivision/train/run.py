@@ -143,7 +143,9 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
         eval_dataset=eval_set,
         callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl"), ProgressBarCallback(), interrupt,
                    *(callbacks or [])],
-        sample_lengths=checked.lengths if config.group_by_length else None,
+        sample_lengths=checked.lengths,
+        group_by_length=config.group_by_length,
+        max_tokens_per_batch=config.max_tokens_per_batch,
     )
     for callback in callbacks or []:
         if hasattr(callback, "attach"):

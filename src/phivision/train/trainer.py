@@ -13,20 +13,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from phivision.data.sampler import EpochShuffleSampler
+from phivision.data.sampler import EpochShuffleSampler, TokenBudgetBatchSampler
 from phivision.errors import PhivisionError
 from phivision.train.checkpoints import complete_checkpoints, disk_error, publish, staging_dir
 
 
 class PhivisionTrainer(Trainer):
-    def __init__(self, *args, sample_lengths: list[int] | None = None, **kwargs):
-        """`sample_lengths`, when given, groups similar lengths into the same batches."""
+    def __init__(self, *args, sample_lengths: list[int] | None = None, group_by_length: bool = False,
+                 max_tokens_per_batch: int | None = None, **kwargs):
+        """`sample_lengths` (tokens per training sample) serve length grouping and token budgets."""
         super().__init__(*args, **kwargs)
         self.sample_lengths = sample_lengths
+        self.group_by_length = group_by_length
+        self.max_tokens_per_batch = max_tokens_per_batch
         self._staging = False
         self._images = 0
         self._tokens = 0
@@ -37,8 +41,20 @@ class PhivisionTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         """Order depends on (seed, epoch) only, so a resumed run replays exactly the same batches."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return EpochShuffleSampler(len(dataset), self.args.seed, self.sample_lengths,
-                                   self.args.per_device_train_batch_size)
+        lengths = self.sample_lengths if self.group_by_length else None
+        return EpochShuffleSampler(len(dataset), self.args.seed, lengths, self.args.per_device_train_batch_size)
+
+    def get_train_dataloader(self):
+        """With a token budget, a micro-batch is as many samples as fit in `max_tokens_per_batch`."""
+        if self.max_tokens_per_batch is None:
+            return super().get_train_dataloader()
+        batch_sampler = TokenBudgetBatchSampler(self._get_train_sampler(), self.sample_lengths,
+                                                self.max_tokens_per_batch)
+        workers = self.args.dataloader_num_workers
+        loader = DataLoader(self.train_dataset, batch_sampler=batch_sampler, collate_fn=self.data_collator,
+                            num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
+                            persistent_workers=workers > 0)
+        return self.accelerator.prepare(loader)
 
     # ---- steps ------------------------------------------------------------------------------
 
