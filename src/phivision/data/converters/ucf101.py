@@ -2,7 +2,8 @@
 
 Two layouts are recognised:
 
-* the subset (`UCF101_subset`): `SRC/{train,val,test}/CLASS/*.avi`, splits taken as they are;
+* the subset (`UCF101_subset`): `SRC/{train,val,test}/CLASS/*.avi`, splits taken as they are
+  (videos re-encoded to `.mp4` or another container of `format.VIDEO_SUFFIXES` are taken too);
 * the full dataset: `SRC/UCF-101/CLASS/*.avi` with `SRC/ucfTrainTestlist/` (`classInd.txt`,
   `trainlist0N.txt`, `testlist0N.txt`). The official train list of split N loses its
   `val_groups` highest-numbered groups (`_gNN_` in the file names) to a validation split. Clips of
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from phivision.data.converters.common import Failures, progress, record, write_splits
+from phivision.data.format import VIDEO_SUFFIXES
 from phivision.errors import PhivisionError
 
 SOURCE = "ucf101"
@@ -96,10 +98,11 @@ def _subset(src: Path) -> tuple[list[Video], list[str]]:
         for split in SUBSET_SPLITS
         if (src / split).is_dir()
         for class_dir in sorted(entry for entry in (src / split).iterdir() if entry.is_dir())
-        for path in sorted(class_dir.glob("*.avi"))
+        for path in sorted(class_dir.iterdir())
+        if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file()
     ]
     if not videos:
-        raise PhivisionError(f"{src} holds no .avi videos; {LAYOUTS}")
+        raise PhivisionError(f"{src} holds no videos ({', '.join(VIDEO_SUFFIXES)}); {LAYOUTS}")
     return videos, sorted({video.label for video in videos})
 
 
