@@ -347,3 +347,10 @@ def test_processing_speed(tokenizer):
     assert pixel_values.shape == (16, 17, 3, 336, 336)
     assert image_sizes.tolist() == [[1008, 1344]] * 16
     assert counts == [1921] * 16
+
+
+def test_out_of_order_image_tags_are_refused_because_they_would_swap_images():
+    from phivision.processing.prompt import user_content
+
+    with pytest.raises(PhivisionError, match=r"sample 'swap', turn 1: image tags must appear in order"):
+        user_content("swap", 0, "<|image_2|>\n<|image_1|>\nCompare.", 1, 2)

@@ -327,3 +327,9 @@ def test_token_budget_packing_trains_with_variable_samples_per_step(tmp_path, ti
     assert result.global_step == 10
     curve = losses(result.output_dir)
     assert curve[-1] < curve[0]
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, tiny_model_dir, digits_data):
+    train(tmp_path, tiny_model_dir, digits_data, max_steps=3)
+    with pytest.raises(PhivisionError, match="already holds a run \\(checkpoint-3\\): continue it with --resume auto"):
+        train(tmp_path, tiny_model_dir, digits_data, max_steps=3)

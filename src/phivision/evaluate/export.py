@@ -71,6 +71,8 @@ def adapted_model(run_dir: Path, run: dict):
         base.is_loaded_in_4bit = False
         base.hf_quantizer = None
         base.config.quantization_config = None
+        if hasattr(base, "quantization_method"):
+            del base.quantization_method  # else transformers refuses `.to(dtype)` as for a 4-bit model
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
@@ -98,7 +100,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precision: str = "bf16"
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run = read_run(run_dir)
     resolve_dtype(precision)
-    processor = Phi3VProcessor.from_pretrained(run_dir / "model")
+    # The training processor: the base's geometry and tokenizer with the run's crops (a LoRA run's
+    # model/ folder holds the adapter and processor files but no config.json to read geometry from).
+    processor = Phi3VProcessor.from_pretrained(run["model"], num_crops=run.get("num_crops"))
     adapted = adapted_model(run_dir, run)
     sample = check_sample(run, processor)
     expected = logits_on(adapted, processor, sample)

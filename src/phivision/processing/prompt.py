@@ -36,6 +36,9 @@ def user_content(sample_id: str, turn_index: int, text: str, first_image: int, n
             f"{where}: the text has image tags {_tags(written)} but its {num_images} image(s) "
             f"need {wanted} (tags are numbered across the whole conversation)"
         )
+    if written != expected:
+        # The model fills placeholders in order of appearance: out-of-order tags would swap images.
+        raise PhivisionError(f"{where}: image tags must appear in order ({_tags(expected)}), got {_tags(written)}")
     return text
 
 

@@ -47,6 +47,32 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> str | None:
     return str(path)
 
 
+def check_fresh_output(output_dir: str | Path) -> None:
+    """A new run never writes over an earlier one: it resumes it or goes elsewhere."""
+    output_dir = Path(output_dir)
+    earlier = complete_checkpoints(output_dir)
+    if earlier or (output_dir / "model").exists():
+        found = earlier[-1].name if earlier else "model/"
+        raise PhivisionError(
+            f"output_dir {output_dir} already holds a run ({found}): continue it with --resume auto, "
+            "or choose another output_dir"
+        )
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint: those steps are trained again."""
+    import json
+
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    return int(CHECKPOINT.match(Path(checkpoint).name).group(1))
+
+
 def clear_staging(output_dir: str | Path) -> None:
     """What a killed save left behind is incomplete by construction: remove it."""
     shutil.rmtree(staging_dir(output_dir), ignore_errors=True)

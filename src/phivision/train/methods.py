@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from phivision.errors import PhivisionError
@@ -83,7 +85,9 @@ def load_for_training(config: TrainConfig, device_map=None) -> Phi3VForCausalLM:
             bnb_4bit_compute_dtype=compute_dtype(config),
             llm_int8_skip_modules=QLORA_SKIP_MODULES,
         )
-        device_map = device_map or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Each process holds its own 4-bit copy, on its own GPU under torchrun.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device_map = device_map or ({"": local_rank} if torch.cuda.is_available() else "cpu")
     model = load_model(
         config.model, precision=weight_dtype(config), attn=config.attn,
         quantization_config=quantization, device_map=device_map,

@@ -23,7 +23,13 @@ from phivision.data.dataset import ConversationDataset, check_dataset
 from phivision.errors import PhivisionError
 from phivision.processing.folder import save_model_folder
 from phivision.processing.processor import Phi3VProcessor
-from phivision.train.checkpoints import clear_staging, resolve_resume
+from phivision.train.checkpoints import (
+    check_fresh_output,
+    checkpoint_step,
+    clear_staging,
+    resolve_resume,
+    truncate_metrics,
+)
 from phivision.train.config import TrainConfig
 from phivision.train.methods import compute_dtype, load_for_training, trainable_summary
 from phivision.train.report import write_report
@@ -110,9 +116,13 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
     output_dir = Path(config.output_dir)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config.gradient_accumulation(world_size)
+    checkpoint = resolve_resume(resume, output_dir)
     if is_main_process():
+        if checkpoint is None:
+            check_fresh_output(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         clear_staging(output_dir)
+        truncate_metrics(output_dir / "metrics.jsonl", checkpoint_step(checkpoint) if checkpoint else 0)
         (output_dir / "config.yaml").write_text(config.to_yaml())
     processor = Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
     checked = check_dataset(
@@ -128,8 +138,9 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
             config.eval_data, processor, config.eval_image_root, config.max_length,
             config.skip_invalid, config.skip_too_long, config.train_on,
         )
+        limit = config.eval_samples or len(eval_checked.indices)
         eval_set = ConversationDataset(config.eval_data, processor, config.eval_image_root, config.train_on,
-                                       eval_checked.indices, eval_checked.lengths)
+                                       eval_checked.indices[:limit], eval_checked.lengths[:limit])
     model = load_for_training(config)
     if is_main_process():
         print(f"phivision train: {config.method}, {trainable_summary(model)}, {len(train_set)} samples"
@@ -152,7 +163,7 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
             callback.attach(trainer)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.train(resume_from_checkpoint=resolve_resume(resume, output_dir))
+    trainer.train(resume_from_checkpoint=checkpoint)
     if interrupt.requested:
         return TrainResult(trainer.model, output_dir, None, trainer.state.global_step, True, checked.skipped)
     model_dir = output_dir / "model"
