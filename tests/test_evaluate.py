@@ -522,3 +522,15 @@ def test_two_process_eval_matches_one_process(trained, digits, tmp_path):
     assert (tmp_path / "ddp" / "metrics.json").read_text() == (tmp_path / "single" / "metrics.json").read_text()
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["samples"] == 7
     assert completed.stdout.count("on 7 samples") == 1  # only rank 0 reports
+
+
+def test_eval_with_an_adapter_uses_the_crops_it_was_trained_with(tmp_path, tiny_model_dir):
+    from phivision.evaluate.generate import inference_processor
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = json.loads((tiny_model_dir / "preprocessor_config.json").read_text())
+    (adapter / "preprocessor_config.json").write_text(json.dumps({**config, "num_crops": 9}))
+    assert inference_processor(tiny_model_dir, adapter).num_crops == 9
+    assert inference_processor(tiny_model_dir, adapter, num_crops=2).num_crops == 2
+    assert inference_processor(tiny_model_dir).num_crops == config["num_crops"]

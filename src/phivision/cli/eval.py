@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", choices=["auto", "accuracy", "anls"], default="auto")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-crops", type=int, default=None, help="crops per image (default: the model folder's)")
+    parser.add_argument("--num-crops", type=int, default=None,
+                        help="crops per image (default: the adapter's training value, else the model folder's)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa")
@@ -24,11 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from phivision.cli.distributed import init_distributed
     from phivision.evaluate.evaluation import evaluate_dataset
-    from phivision.evaluate.generate import load_for_inference
-    from phivision.processing.processor import Phi3VProcessor
+    from phivision.evaluate.generate import inference_processor, load_for_inference
 
     init_distributed()
-    processor = Phi3VProcessor.from_pretrained(args.model, num_crops=args.num_crops)
+    processor = inference_processor(args.model, args.adapter, args.num_crops)
     model = load_for_inference(args.model, args.adapter, args.precision, args.attn)
     metrics = evaluate_dataset(model, processor, args.data, args.image_root, args.metric, args.batch_size,
                                args.max_new_tokens, args.limit, args.out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from phivision.data.collate import left_padded_prompts
 from phivision.data.dataset import ConversationDataset
 from phivision.errors import PhivisionError
 from phivision.model.weights import load_model
-from phivision.processing.processor import Encoded, Phi3VProcessor
+from phivision.processing.processor import PREPROCESSOR_FILE, Encoded, Phi3VProcessor
 
 
 def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None, precision: str = "auto",
@@ -29,6 +30,16 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
     if torch.cuda.is_available():
         model = model.cuda()
     return model.eval()
+
+
+def inference_processor(model_dir: str | Path, adapter: str | Path | None = None,
+                        num_crops: int | None = None) -> Phi3VProcessor:
+    """The base's geometry; crops as given, else as the adapter was trained with, else the base's."""
+    if num_crops is None and adapter is not None:
+        trained = Path(adapter) / PREPROCESSOR_FILE
+        if trained.is_file():
+            num_crops = json.loads(trained.read_text()).get("num_crops")
+    return Phi3VProcessor.from_pretrained(model_dir, num_crops=num_crops)
 
 
 def batches(indices: list[int], size: int) -> Iterator[list[int]]:
