@@ -333,3 +333,15 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, tiny_model_dir, dig
     train(tmp_path, tiny_model_dir, digits_data, max_steps=3)
     with pytest.raises(PhivisionError, match="already holds a run \\(checkpoint-3\\): continue it with --resume auto"):
         train(tmp_path, tiny_model_dir, digits_data, max_steps=3)
+
+
+@pytest.mark.slow
+def test_deepspeed_config_also_runs_without_torchrun(tmp_path, tiny_model_dir, digits_data):
+    values = base_config(tiny_model_dir, digits_data, tmp_path / "run", max_steps=2, save_steps=2,
+                         deepspeed="zero2")
+    completed = subprocess.run(phivision_command("train", str(write_yaml(tmp_path / "c.yaml", values))),
+                               capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
+        "tokenizer.json", "tokenizer_config.json"]

@@ -64,6 +64,19 @@ def deepspeed_config_path(name: str | None) -> str | None:
     return name
 
 
+def single_process_rendezvous() -> None:
+    """DeepSpeed always wants a process group; without torchrun, describe a group of one."""
+    import socket
+
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -114,6 +127,8 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     output_dir = Path(config.output_dir)
+    if config.deepspeed:
+        single_process_rendezvous()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config.gradient_accumulation(world_size)
     checkpoint = resolve_resume(resume, output_dir)
@@ -174,11 +189,16 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
 
 
 def save_final(trainer, processor: Phi3VProcessor, config: TrainConfig, model_dir: Path) -> None:
-    """Official layout for full weights (bf16 when trained in bf16), or the adapter; processor files."""
+    """Official layout for full weights (bf16 when trained in bf16), or the adapter; processor files.
+
+    Only ZeRO-3 partitions the weights themselves: they are gathered by the Trainer's own save.
+    """
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if config.method in ("lora", "qlora") or trainer.is_deepspeed_enabled:
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if config.method in ("lora", "qlora") or zero3:
         trainer.save_model(str(model_dir))
         if is_main_process():
+            (model_dir / "training_args.bin").unlink(missing_ok=True)
             processor.save_pretrained(model_dir)
     elif is_main_process():
         precision = "bf16" if compute_dtype(config) == torch.bfloat16 else None
