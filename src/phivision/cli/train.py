@@ -22,7 +22,9 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_training(config, resume=args.resume, callbacks=task_metric_callbacks(config))
     if result.interrupted:
-        print(f"stopped at step {result.global_step}; resume with: phivision train {args.config} --resume auto")
+        overrides = "".join(f" --set {override}" for override in args.overrides)
+        print(f"stopped at step {result.global_step}; resume with the same launcher and: "
+              f"phivision train {args.config}{overrides} --resume auto")
         return 130
     print(f"done: {result.global_step} steps; model in {result.model_dir}; report in {result.output_dir / 'report.md'}")
     return 0
