@@ -345,3 +345,18 @@ def test_deepspeed_config_also_runs_without_torchrun(tmp_path, tiny_model_dir, d
     assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
         "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_task_metric_is_evaluated_every_eval_steps_and_plotted(tmp_path, tiny_model_dir, digits_data):
+    from phivision.cli.evaluation_callback import task_metric_callbacks
+
+    values = base_config(tiny_model_dir, digits_data, tmp_path / "run", max_steps=4, eval_steps=2,
+                         eval_data=str(digits_data / "small_test.jsonl"), eval_samples=5, max_new_tokens=3)
+    config = load_config(None, base=values)
+    result = run_training(config, callbacks=task_metric_callbacks(config))
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_accuracy" in r] == [2, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    assert all(0 <= r["eval_accuracy"] <= 1 for r in records if "eval_accuracy" in r)
+    report = (result.output_dir / "report.md").read_text()
+    assert "eval_accuracy" in report and "eval_loss" in report
