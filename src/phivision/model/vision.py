@@ -42,6 +42,10 @@ class CLIPVisionTower(nn.Module):
 
 
 class Phi3VImageEmbedding(nn.Module):
+    # True (benchmarks only) runs CLIP on the zero padding crops too and drops their features
+    # afterwards, as the official code does; the default skips them.
+    encode_padding_crops: bool = False
+
     def __init__(self, config: Phi3VConfig):
         super().__init__()
         self.crop_size = config.crop_size
@@ -92,7 +96,11 @@ class Phi3VImageEmbedding(nn.Module):
         used = torch.arange(pixel_values.shape[1], device=pixel_values.device)[None, :] < torch.tensor(
             crops_used, device=pixel_values.device
         )[:, None]
-        patch_features = self.img_processor.penultimate_features(pixel_values[used])
+        if self.encode_padding_crops:
+            every_slot = self.img_processor.penultimate_features(pixel_values.flatten(0, 1))
+            patch_features = every_slot.unflatten(0, pixel_values.shape[:2])[used]
+        else:
+            patch_features = self.img_processor.penultimate_features(pixel_values[used])
         merged = self._merge_2x2(patch_features)
         half = self.merged_grid
         per_image = []

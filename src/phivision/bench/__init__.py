@@ -1,0 +1,1 @@
+"""Training benchmarks (`phivision bench`): synthetic workloads, analytic FLOPs, timed real steps."""

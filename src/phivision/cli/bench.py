@@ -1,0 +1,102 @@
+"""`phivision bench`: training throughput, peak memory and MFU per method on synthetic workloads.
+
+Each method runs in its own process (clean peak memory). With `--compare`, that process also
+runs the official recipe's data path and right-padded batches on the same samples and weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+METHODS = ("full", "freeze_vision", "lora", "qlora")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR", help="benchmark this checkpoint folder")
+    source.add_argument("--preset", choices=("tiny", "small", "official"), default="small",
+                        help="random weights of this shape (default: small; official = the 4B model, for GPUs)")
+    parser.add_argument("--method", choices=(*METHODS, "all"), default="all", help="training method (default: all)")
+    parser.add_argument("--workload", choices=("docvqa", "memes", "video", "mixed"), default="mixed",
+                        help="synthetic samples shaped like this dataset (default: mixed)")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per method (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per optimiser step (default: 4)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the official recipe's data path and right-padded batches; print ratios")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass, as the training option of that name")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="compute precision (auto: bf16 on a GPU that has it, else fp32)")
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--matmul-size", type=int, default=0, metavar="N",
+                        help="side of the square matmul that measures the device peak (default: 2048 CPU, 8192 GPU)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads per measurement (default: all cores); 1 is steadier on a busy machine")
+    parser.add_argument("--output", default="bench.json", help="where to write the results (default: bench.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    import tempfile
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from phivision.bench import report
+    from phivision.bench.runner import DATA_PATHS, BenchSettings, device_for_run, run_in_subprocess
+    from phivision.errors import PhivisionError
+
+    for name in ("steps", "batch_size", "lora_rank"):
+        if getattr(args, name) < 1:
+            raise PhivisionError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        raise PhivisionError("--warmup must be 0 or more")
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    preset = None if args.model else args.preset
+    data_paths = list(DATA_PATHS) if args.compare else ["phivision"]
+    base = BenchSettings(method=methods[0], workload=args.workload, data_paths=data_paths, steps=args.steps,
+                         warmup=args.warmup, batch_size=args.batch_size, preset=preset, model_dir=args.model,
+                         precision=args.precision, attn=args.attn, lora_rank=args.lora_rank, seed=args.seed,
+                         matmul_size=args.matmul_size, threads=args.threads,
+                         gradient_checkpointing=args.gradient_checkpointing)
+    machine = report.machine_description()
+    print(report.header(asdict(base), machine), flush=True)
+    document = report.Document(_command_line(args), report.git_commit(), machine, {**asdict(base), "methods": methods})
+    with tempfile.TemporaryDirectory(prefix="phivision-bench-") as scratch:
+        work_dir = Path(scratch)
+        for method in methods:
+            settings = BenchSettings(**{**asdict(base), "method": method})
+            print(f"{method}: measuring {', '.join(data_paths)}", file=sys.stderr, flush=True)
+            try:
+                if method == "qlora" and preset:
+                    settings.model_dir = str(_preset_folder(preset, work_dir, args.seed, device_for_run()))
+                document.add(method, run_in_subprocess(settings, work_dir))
+                print(report.one_line(method, document.results[method]["phivision"]), file=sys.stderr, flush=True)
+            except (RuntimeError, OSError) as error:  # out of memory, a crashed process: measure the rest
+                document.errors[method] = str(error)
+            document.write(Path(args.output))  # after every method, so a run cut short keeps what it measured
+    print(document.tables(DATA_PATHS))
+    print(f"wrote {args.output}")
+    return 1 if document.errors else 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command with every option spelled out, to rerun the same measurement."""
+    source = f"--model {args.model}" if args.model else f"--preset {args.preset}"
+    return (f"phivision bench {source} --method {args.method} --workload {args.workload} --steps {args.steps} "
+            f"--warmup {args.warmup} --batch-size {args.batch_size} --precision {args.precision} --attn {args.attn} "
+            f"--lora-rank {args.lora_rank} --seed {args.seed} --matmul-size {args.matmul_size} --threads {args.threads}"
+            + (" --gradient-checkpointing" if args.gradient_checkpointing else "")
+            + (" --compare" if args.compare else ""))
+
+
+def _preset_folder(preset: str, work_dir, seed: int, device):
+    """QLoRA quantises while loading, so a preset is written to a folder once, then loaded."""
+    from phivision.bench.models import write_preset_folder
+
+    folder = work_dir / f"{preset}-model"
+    if not folder.is_dir():
+        write_preset_folder(preset, folder, device, seed)
+    return folder
