@@ -89,9 +89,10 @@ def memory_ratios(methods: dict[str, dict]) -> dict[str, dict]:
 
 def header(settings: dict, machine: dict) -> str:
     source = f"model {settings['model_dir']}" if settings["model_dir"] else f"preset {settings['preset']}"
+    threads = settings["threads"] or machine["torch_threads"]
     return (f"phivision bench | {source} | workload {settings['workload']} | {settings['batch_size']} samples/step, "
             f"{settings['steps']} timed steps after {settings['warmup']} warm-up | {machine['device']} "
-            f"({settings['threads'] or machine['torch_threads']} threads) | precision {settings['precision']} | attn {settings['attn']}")
+            f"({threads} threads) | precision {settings['precision']} | attn {settings['attn']}")
 
 
 def methods_table(methods: dict[str, dict], errors: dict[str, str]) -> str:
@@ -120,7 +121,8 @@ def compare_table(method: str, paths: dict[str, dict], labels: dict[str, str]) -
             f"{result['step_time_s']:>8.3g} {100 * result['mfu']:>5.1f}% {result['losses'][0]:>11.5f} "
             f"{summary['mean_loss'][name]:>10.5f} {bytes_text(result['peak_memory_bytes']):>12}"
         )
-    rows.append(f"a/b = {summary['a_over_b_images_per_s']:.2f}x img/s    a/c = {summary['a_over_c_images_per_s']:.2f}x img/s")
+    rows.append(f"a/b = {summary['a_over_b_images_per_s']:.2f}x img/s    "
+                f"a/c = {summary['a_over_c_images_per_s']:.2f}x img/s")
     return "\n".join(rows)
 
 

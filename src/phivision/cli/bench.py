@@ -7,6 +7,14 @@ runs the official recipe's data path and right-padded batches on the same sample
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 METHODS = ("full", "freeze_vision", "lora", "qlora")
 
@@ -39,11 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-    import tempfile
-    from dataclasses import asdict
-    from pathlib import Path
-
     from phivision.bench import report
     from phivision.bench.runner import DATA_PATHS, BenchSettings, device_for_run, run_in_subprocess
     from phivision.errors import PhivisionError
@@ -92,7 +95,7 @@ def _command_line(args: argparse.Namespace) -> str:
             + (" --compare" if args.compare else ""))
 
 
-def _preset_folder(preset: str, work_dir, seed: int, device):
+def _preset_folder(preset: str, work_dir: Path, seed: int, device: torch.device) -> Path:
     """QLoRA quantises while loading, so a preset is written to a folder once, then loaded."""
     from phivision.bench.models import write_preset_folder
 
