@@ -184,11 +184,14 @@ def test_bench_command_writes_results(tmp_path, capsys):
     results = json.loads(output.read_text())
     assert {"command", "git_commit", "machine", "settings", "methods", "errors", "memory_ratios"} <= set(results)
     lora = results["methods"]["lora"]
-    expected = {"images_per_s", "tokens_per_s", "step_time_s", "peak_memory_bytes", "flops_per_step", "mfu",
-                "peak_matmul_flops_per_s", "losses", "trainable_parameters"}
+    expected = {"images_per_s", "tokens_per_s", "step_time_s", "peak_memory_bytes", "peak_rss_bytes", "flops_per_step",
+                "mfu", "peak_matmul_flops_per_s", "losses", "trainable_parameters", "gradient_checkpointing"}
     assert expected <= set(lora)
     assert lora["images_per_s"] > 0 and lora["mfu"] > 0 and len(lora["losses"]) == 3
     assert lora["trainable_parameters"] < lora["total_parameters"]
+    assert lora["gradient_checkpointing"] is False  # the method's training default
+    weights = 4 * lora["total_parameters"]  # fp32 on a CPU
+    assert weights < lora["peak_memory_bytes"] < lora["peak_rss_bytes"]
 
 
 def test_bench_compare_prints_ratios(tmp_path, capsys):
@@ -206,3 +209,31 @@ def test_bench_compare_prints_ratios(tmp_path, capsys):
     first = compare["first_loss"]
     assert first["official"] == pytest.approx(first["phivision"], rel=1e-4)
     assert first["padded"] == pytest.approx(first["phivision"], rel=1e-4)
+
+
+def test_tensor_peak_counts_what_is_alive_at_the_worst_moment():
+    from phivision.bench.memory import TensorPeak, storage_bytes
+
+    weights = torch.zeros(1000)
+    mib = 2**20
+    with TensorPeak(torch.device("cpu"), resident=storage_bytes([weights, weights[:10]])) as peak:
+        first = torch.ones(16 * mib)  # 64 MiB
+        second = first * 2  # 128 MiB alive
+        del first, second
+        third = torch.ones(8 * mib)  # 32 MiB, after the peak
+    assert 4000 + 128 * mib <= peak.bytes < 4000 + 128 * mib + 4096  # a few bytes of scalars besides
+    assert third.numel() == 8 * mib
+
+
+def test_model_tensors_count_4_bit_weights_with_their_quantisation_constants(tiny_model_dir):
+    from phivision.bench.memory import model_tensors, storage_bytes
+    from phivision.train.config import TrainConfig
+    from phivision.train.methods import load_for_training
+
+    config = TrainConfig(model=str(tiny_model_dir), train_data="-", output_dir="-", method="qlora", precision="fp32")
+    model = load_for_training(config)
+    weights = storage_bytes([*model.parameters(), *model.buffers()])
+    quantised = [p for p in model.parameters() if getattr(p, "quant_state", None) is not None]
+    assert quantised
+    absmax = storage_bytes([p.quant_state.absmax for p in quantised])
+    assert storage_bytes(model_tensors(model)) > weights + absmax

@@ -71,7 +71,7 @@ def build_model(preset: str | None, model_dir: str | None, config: TrainConfig, 
         model = random_weights(preset, device, config.attn, seed).to(weight_dtype(config))
         torch.manual_seed(seed)  # adapters start the same on every data path
         model = apply_method(model, config)
-    if config.gradient_checkpointing:  # as the Trainer turns it on
+    if config.resolved_gradient_checkpointing:  # as the Trainer turns it on
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if fp32_weights:
         for parameter in model.parameters():

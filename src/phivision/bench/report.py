@@ -72,19 +72,13 @@ def compare_summary(paths: dict[str, dict]) -> dict:
 
 
 def memory_ratios(methods: dict[str, dict]) -> dict[str, dict]:
-    """Each method's peak memory over full fine-tuning's: absolute, and above the pre-model baseline."""
+    """Each method's peak memory over full fine-tuning's: tensors, and the whole process's RSS."""
     full = methods.get("full")
     if not full:
         return {}
-    ratios = {}
-    for name, result in methods.items():
-        if name == "full":
-            continue
-        above = ratio(result["peak_memory_bytes"] - result["memory_before_model_bytes"],
-                      full["peak_memory_bytes"] - full["memory_before_model_bytes"])
-        ratios[f"{name}/full"] = {"peak": ratio(result["peak_memory_bytes"], full["peak_memory_bytes"]),
-                                  "above_baseline": above}
-    return ratios
+    return {f"{name}/full": {"tensors": ratio(result["peak_memory_bytes"], full["peak_memory_bytes"]),
+                             "rss": ratio(result["peak_rss_bytes"], full["peak_rss_bytes"])}
+            for name, result in methods.items() if name != "full"}
 
 
 def header(settings: dict, machine: dict) -> str:
@@ -96,14 +90,15 @@ def header(settings: dict, machine: dict) -> str:
 
 
 def methods_table(methods: dict[str, dict], errors: dict[str, str]) -> str:
-    rows = [f"{'method':<14} {'img/s':>8} {'tokens/s':>9} {'step s (min-max)':>20} {'peak memory':>22} "
-            f"{'FLOP/step':>10} {'matmul peak':>12} {'MFU':>6}  loss first -> last"]
+    rows = [f"{'method':<14} {'ckpt':>4} {'img/s':>8} {'tokens/s':>9} {'step s (min-max)':>20} {'peak tensors':>12} "
+            f"{'peak RSS':>9} {'FLOP/step':>10} {'matmul peak':>12} {'MFU':>6}  loss first -> last"]
     for name, result in methods.items():
         spread = f"{result['step_time_s']:.3g} ({result['step_time_min_s']:.3g}-{result['step_time_max_s']:.3g})"
-        memory = f"{bytes_text(result['peak_memory_bytes'])} {'RSS' if result['memory_kind'] == 'peak RSS' else 'CUDA'}"
         rows.append(
-            f"{name:<14} {result['images_per_s']:>8.3g} {result['tokens_per_s']:>9.4g} {spread:>20} {memory:>22} "
-            f"{flops_text(result['flops_per_step']):>10} {flops_text(result['peak_matmul_flops_per_s']) + '/s':>12} "
+            f"{name:<14} {'on' if result['gradient_checkpointing'] else 'off':>4} {result['images_per_s']:>8.3g} "
+            f"{result['tokens_per_s']:>9.4g} {spread:>20} {bytes_text(result['peak_memory_bytes']):>12} "
+            f"{bytes_text(result['peak_rss_bytes']):>9} {flops_text(result['flops_per_step']):>10} "
+            f"{flops_text(result['peak_matmul_flops_per_s']) + '/s':>12} "
             f"{100 * result['mfu']:>5.1f}%  {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}"
         )
     rows.extend(f"{name:<14} failed: {message.splitlines()[-1] if message else ''}" for name, message in errors.items())
@@ -114,7 +109,7 @@ def compare_table(method: str, paths: dict[str, dict], labels: dict[str, str]) -
     summary = compare_summary(paths)
     rows = [f"compare, method {method}: same samples, same initial weights, one process",
             f"{'data path':<82} {'img/s':>8} {'tokens/s':>9} {'step s':>8} {'MFU':>6} {'first loss':>11} "
-            f"{'mean loss':>10} {'peak memory':>12}"]
+            f"{'mean loss':>10} {'peak tensors':>12}"]
     for name, result in paths.items():
         rows.append(
             f"{labels[name]:<82} {result['images_per_s']:>8.3g} {result['tokens_per_s']:>9.4g} "
@@ -127,14 +122,15 @@ def compare_table(method: str, paths: dict[str, dict], labels: dict[str, str]) -
 
 
 def memory_lines(ratios: dict[str, dict]) -> str:
-    return "\n".join(f"peak memory {name}: {values['peak']:.2f}x ({values['above_baseline']:.2f}x above the "
-                     "memory before the model was built)" for name, values in ratios.items())
+    return "\n".join(f"peak memory {name}: {values['tensors']:.2f}x tensors, {values['rss']:.2f}x RSS"
+                     for name, values in ratios.items())
 
 
 def one_line(method: str, result: dict) -> str:
     """Progress: one method's headline figures as soon as it is measured."""
     return (f"{method}: {result['images_per_s']:.3g} img/s, {result['tokens_per_s']:.4g} tokens/s, "
-            f"MFU {100 * result['mfu']:.1f}%, peak {bytes_text(result['peak_memory_bytes'])}")
+            f"MFU {100 * result['mfu']:.1f}%, peak tensors {bytes_text(result['peak_memory_bytes'])}, "
+            f"peak RSS {bytes_text(result['peak_rss_bytes'])}")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """One benchmark measurement: build the model for a method, warm up, time real training steps.
 
 `phivision bench` runs this module in a fresh process per method (`python -m
-phivision.bench.runner SETTINGS.json RESULT.json`), so the peak memory it reports (RSS on a
-CPU, peak allocated on a GPU) belongs to that method alone. A `--compare` process measures the
+phivision.bench.runner SETTINGS.json RESULT.json`), so the peak memory it reports (tensor bytes
+during the steps, and the process's RSS) belongs to that method alone. A `--compare` process measures the
 three data paths one after another on the same samples and weights.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from phivision.bench.flops import Learning, ModelShape, SampleWork, peak_matmul_flops, step_flops, synchronize
-from phivision.bench.memory import peak_memory, reset_peak_memory, resident_memory
+from phivision.bench.memory import TensorPeak, model_tensors, peak_rss, reset_peak_rss, resident_memory, storage_bytes
 from phivision.bench.models import build_model, bench_processor
 from phivision.bench.workloads import encode_samples, sample_shapes
 from phivision.data.collate import Collator
@@ -28,7 +29,7 @@ from phivision.model.modeling import Phi3VForCausalLM
 from phivision.model.vision import Phi3VImageEmbedding
 from phivision.processing.processor import IGNORE_INDEX, Encoded
 from phivision.train.config import TrainConfig
-from phivision.train.methods import compute_dtype
+from phivision.train.methods import compute_dtype, parameter_count
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class BenchSettings:
     seed: int = 0
     matmul_size: int = 0  # 0: 2048 on a CPU, 8192 on a GPU
     threads: int = 0  # CPU threads; 0: PyTorch's default (every core)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: the method's training default
 
     def train_config(self, attn: str) -> TrainConfig:
         return TrainConfig(model=self.model_dir or f"preset:{self.preset}", train_data="-", output_dir="-",
@@ -94,9 +95,10 @@ class PathResult:
     achieved_flops_per_s: float
     peak_matmul_flops_per_s: float
     mfu: float
-    peak_memory_bytes: int
-    memory_before_model_bytes: int
-    memory_kind: str
+    peak_memory_bytes: int  # tensors: the profiler's count on a CPU, CUDA peak allocated on a GPU
+    peak_rss_bytes: int
+    memory_before_model_bytes: int  # RSS
+    gradient_checkpointing: bool
     trainable_parameters: int
     total_parameters: int
 
@@ -184,6 +186,31 @@ def timed_steps(model, optimizer, batches: list[list[Encoded]], passes: list[lis
     return losses, times
 
 
+def heaviest_steps_tensor_peak(model, optimizer, batches: list[list[Encoded]], passes: list[list[dict]], autocast,
+                               device: torch.device) -> int:
+    """Peak tensor bytes of one more step on the batch with the most tokens and on the one with the most pixels.
+
+    Run after the timed steps, so the CPU's profiler does not slow them, and with the optimiser's
+    states in place, as every step after the first has them. On a CPU only the inputs of these
+    steps count, as in training; on a GPU, CUDA's count also holds the other steps' inputs, which
+    the benchmark moves there up front (small beside a GPU-sized model).
+    """
+    def pixels(step: list[dict]) -> int:
+        return sum(inputs["pixel_values"].numel() for inputs in step if "pixel_values" in inputs)
+
+    def tokens(step: list[dict]) -> int:
+        return sum(inputs["input_ids"].numel() for inputs in step)
+
+    heaviest = sorted({max(range(len(passes)), key=lambda index: tokens(passes[index])),
+                       max(range(len(passes)), key=lambda index: pixels(passes[index]))})
+    inputs = [tensor for index in heaviest for inputs in passes[index] for tensor in inputs.values()]
+    states = [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
+    with TensorPeak(device, resident=storage_bytes(model_tensors(model) + states + inputs)) as peak:
+        for index in heaviest:
+            train_step(model, optimizer, passes[index], autocast, label_count(batches[index]))
+    return peak.bytes
+
+
 def measure_path(settings: BenchSettings, name: str, encodings: list[Encoded], collator: Collator) -> PathResult:
     """Build the model for this data path, run warm-up and timed steps, and collect the figures."""
     path = DATA_PATHS[name]
@@ -191,8 +218,8 @@ def measure_path(settings: BenchSettings, name: str, encodings: list[Encoded], c
     config = settings.train_config("eager" if path.eager_attention else settings.attn)
     dtype = compute_dtype(config)
     gc.collect()  # the previous path's model, if any, held in reference cycles
-    reset_peak_memory(device)
-    memory_before_model = resident_memory() if device.type == "cpu" else 0
+    reset_peak_rss()
+    memory_before_model = resident_memory()
     model = build_model(settings.preset, settings.model_dir, config, device, settings.seed, path.fp32_weights)
     model.train()
     optimizer = make_optimizer(model, config.resolved_learning_rate)
@@ -202,6 +229,8 @@ def measure_path(settings: BenchSettings, name: str, encodings: list[Encoded], c
     with official_compute(model, path.official_compute):
         losses, times = timed_steps(model, optimizer, batches, passes, autocast, device, settings.warmup,
                                     f"{settings.method} {name}")
+        rss = peak_rss()
+        tensor_peak = heaviest_steps_tensor_peak(model, optimizer, batches, passes, autocast, device)
     timed = batches[settings.warmup:]
     elapsed = sum(times)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -215,10 +244,9 @@ def measure_path(settings: BenchSettings, name: str, encodings: list[Encoded], c
         step_time_s=statistics.median(times), step_time_min_s=min(times), step_time_max_s=max(times),
         losses=losses, flops_per_step=sum(flops) / len(flops), achieved_flops_per_s=sum(flops) / elapsed,
         peak_matmul_flops_per_s=0.0, mfu=0.0,  # filled in by `run`, from the best matmul measurement
-        peak_memory_bytes=peak_memory(device), memory_before_model_bytes=memory_before_model,
-        memory_kind="peak RSS" if device.type == "cpu" else "CUDA peak allocated",
-        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        total_parameters=sum(p.numel() for p in model.parameters()),
+        peak_memory_bytes=tensor_peak, peak_rss_bytes=rss,
+        memory_before_model_bytes=memory_before_model, gradient_checkpointing=config.resolved_gradient_checkpointing,
+        trainable_parameters=parameter_count(model, trainable_only=True), total_parameters=parameter_count(model),
     )
 
 
@@ -256,7 +284,9 @@ def run_in_subprocess(settings: BenchSettings, work_dir: Path) -> list[dict]:
     settings_path.write_text(json.dumps(asdict(settings)))
     command = [sys.executable, "-m", "phivision.bench.runner", str(settings_path), str(result_path)]
     last_lines: collections.deque[str] = collections.deque(maxlen=15)
-    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+    environment = {"KINETO_LOG_LEVEL": "6", **os.environ}  # the profiler's start/stop lines are noise here
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=environment) as process:
         for line in process.stderr:
             sys.stderr.write(line)
             last_lines.append(line.rstrip())
@@ -266,7 +296,7 @@ def run_in_subprocess(settings: BenchSettings, work_dir: Path) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    from phivision.cli.main import quiet_libraries
+    from phivision.quiet import quiet_libraries
 
     quiet_libraries()
     settings_path, result_path = argv

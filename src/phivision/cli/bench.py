@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="samples per optimiser step (default: 4)")
     parser.add_argument("--compare", action="store_true",
                         help="also run the official recipe's data path and right-padded batches; print ratios")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute activations in the backward pass, as the training option of that name")
+    parser.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
+                        help="recompute activations in the backward pass (auto: as training does for the method, "
+                             "on for qlora only)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="compute precision (auto: bf16 on a GPU that has it, else fp32)")
     parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                          warmup=args.warmup, batch_size=args.batch_size, preset=preset, model_dir=args.model,
                          precision=args.precision, attn=args.attn, lora_rank=args.lora_rank, seed=args.seed,
                          matmul_size=args.matmul_size, threads=args.threads,
-                         gradient_checkpointing=args.gradient_checkpointing)
+                         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing])
     machine = report.machine_description()
     print(report.header(asdict(base), machine), flush=True)
     document = report.Document(_command_line(args), report.git_commit(), machine, {**asdict(base), "methods": methods})
@@ -90,9 +91,8 @@ def _command_line(args: argparse.Namespace) -> str:
     source = f"--model {args.model}" if args.model else f"--preset {args.preset}"
     return (f"phivision bench {source} --method {args.method} --workload {args.workload} --steps {args.steps} "
             f"--warmup {args.warmup} --batch-size {args.batch_size} --precision {args.precision} --attn {args.attn} "
-            f"--lora-rank {args.lora_rank} --seed {args.seed} --matmul-size {args.matmul_size} --threads {args.threads}"
-            + (" --gradient-checkpointing" if args.gradient_checkpointing else "")
-            + (" --compare" if args.compare else ""))
+            f"--lora-rank {args.lora_rank} --seed {args.seed} --matmul-size {args.matmul_size} --threads {args.threads} "
+            f"--gradient-checkpointing {args.gradient_checkpointing}" + (" --compare" if args.compare else ""))
 
 
 def _preset_folder(preset: str, work_dir: Path, seed: int, device: torch.device) -> Path:

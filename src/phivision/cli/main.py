@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from phivision.errors import PhivisionError
+from phivision.quiet import quiet_libraries
 
 # name -> (module under phivision.cli, one-line help)
 COMMANDS = {
@@ -36,22 +37,6 @@ def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
         module.add_arguments(command_parser)
         command_parser.set_defaults(run=module.run)
     return parser
-
-
-def quiet_libraries() -> None:
-    """Library chatter (load bars, deprecation notes) would bury phivision's own messages."""
-    import logging
-    import os
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("DeepSpeed", "bitsandbytes", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ def preset_config(preset: str) -> Phi3VConfig:
         tie_word_embeddings=False,
         embd_layer=None,
         img_processor=img_processor,
-        torch_dtype="float32",
+        dtype="float32",
     )
 
 

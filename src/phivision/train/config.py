@@ -24,6 +24,10 @@ ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 
 # Learning rate when `learning_rate: auto`: adapters take a larger step than full weights.
 DEFAULT_LEARNING_RATES = {"full": 4e-5, "freeze_vision": 4e-5, "projector_only": 1e-4, "lora": 2e-4, "qlora": 2e-4}
+# Methods that recompute activations unless told otherwise: QLoRA is chosen to save memory, and
+# its quantised weights leave activations as the largest part of it.
+CHECKPOINTING_BY_DEFAULT = ("qlora",)
+PATH_KEYS = ("model", "train_data", "eval_data", "train_image_root", "eval_image_root", "output_dir")
 
 
 class ConfigError(PhivisionError):
@@ -51,7 +55,7 @@ class TrainConfig:
     packing: bool = True
     max_tokens_per_batch: int | None = None
     group_by_length: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
     lora_rank: int = 64
     lora_alpha: float | None = None
     lora_dropout: float = 0.05
@@ -85,6 +89,12 @@ class TrainConfig:
         if self.learning_rate == "auto":
             return DEFAULT_LEARNING_RATES[self.method]
         return float(self.learning_rate)
+
+    @property
+    def resolved_gradient_checkpointing(self) -> bool:
+        if self.gradient_checkpointing is None:
+            return self.method in CHECKPOINTING_BY_DEFAULT
+        return self.gradient_checkpointing
 
     @property
     def resolved_lora_alpha(self) -> float:
@@ -188,6 +198,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
     if missing:
         raise ConfigError(f"missing required config key(s): {', '.join(missing)}")
     checked = {key: _check_type(key, value) for key, value in values.items()}
+    for key in PATH_KEYS:
+        if checked.get(key):  # the saved config.yaml (read by export, resume) then works from any directory
+            checked[key] = str(Path(checked[key]).expanduser().absolute())
     config = TrainConfig(**checked)
     validate(config)
     return config
@@ -207,6 +220,14 @@ def validate(config: TrainConfig) -> None:
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")
+    for key in ("eval_steps", "eval_samples", "save_total_limit", "max_tokens_per_batch"):
+        if getattr(config, key) is not None and getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be at least 1 (or null), got {getattr(config, key)}")
+    for key in ("warmup_steps", "dataloader_workers"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {getattr(config, key)}")
+    if config.learning_rate != "auto" and float(config.learning_rate) <= 0:
+        raise ConfigError(f"learning_rate must be above 0, got {config.learning_rate}")
     if config.global_batch_size % config.per_device_batch_size:
         raise ConfigError(
             f"global_batch_size={config.global_batch_size} is not a multiple of "

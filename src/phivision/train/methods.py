@@ -103,7 +103,7 @@ def apply_method(model: Phi3VForCausalLM, config: TrainConfig):
 
         if config.method == "qlora":
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=config.gradient_checkpointing,
+                model, use_gradient_checkpointing=config.resolved_gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
         lora = LoraConfig(
@@ -125,7 +125,17 @@ def apply_method(model: Phi3VForCausalLM, config: TrainConfig):
     return model
 
 
-def trainable_summary(model) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameters as the architecture has them: a 4-bit weight stores two in each byte."""
+    count = 0
+    for parameter in model.parameters():
+        if trainable_only and not parameter.requires_grad:
+            continue
+        packed = type(parameter).__name__ == "Params4bit"
+        count += parameter.numel() * (2 * parameter.element_size() if packed else 1)
+    return count
+
+
+def trainable_summary(model: torch.nn.Module) -> str:
+    trainable, total = parameter_count(model, trainable_only=True), parameter_count(model)
     return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"

@@ -110,7 +110,7 @@ def training_arguments(config: TrainConfig, world_size: int):
         data_seed=config.seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.resolved_gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         deepspeed=deepspeed_config_path(config.deepspeed),
         dataloader_num_workers=config.dataloader_workers,
