@@ -284,3 +284,16 @@ def test_eval_with_an_adapter_uses_the_crops_it_was_trained_with(tmp_path, tiny_
     assert inference_processor(tiny_model_dir, adapter).num_crops == 9
     assert inference_processor(tiny_model_dir, adapter, num_crops=2).num_crops == 2
     assert inference_processor(tiny_model_dir).num_crops == config["num_crops"]
+
+
+@pytest.mark.parametrize("command, flag", [("eval", "--batch-size"), ("eval", "--limit"), ("eval", "--max-new-tokens"),
+                                           ("predict", "--num-crops"), ("predict", "--frames")])
+def test_counts_below_one_are_a_usage_error(command, flag, tmp_path, capsys):
+    from phivision.cli.main import main
+
+    required = {"eval": ["--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl")],
+                "predict": ["--model", str(tmp_path), "--prompt", "hi"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *required, flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err

@@ -147,6 +147,16 @@ def test_save_load_round_trip_is_bit_exact(tiny_model_dir, tmp_path):
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
+def test_saving_in_bf16_writes_bf16_and_leaves_the_model_in_fp32(tiny_model_dir, tmp_path):
+    model = load_model(tiny_model_dir)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    save_model(model, tmp_path, "bf16")
+    written = load_file(tmp_path / "model.safetensors")
+    assert {tensor.dtype for tensor in written.values() if tensor.is_floating_point()} == {torch.bfloat16}
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert torch.equal(written["lm_head.weight"], before["lm_head.weight"].bfloat16())
+
+
 def test_checkpoint_with_wte_alias_loads(tiny_model_dir, tmp_path):
     save_model(load_model(tiny_model_dir), tmp_path)
     weights = load_file(tmp_path / "model.safetensors")

@@ -354,3 +354,19 @@ def test_out_of_order_image_tags_are_refused_because_they_would_swap_images():
 
     with pytest.raises(PhivisionError, match=r"sample 'swap', turn 1: image tags must appear in order"):
         user_content("swap", 0, "<|image_2|>\n<|image_1|>\nCompare.", 1, 2)
+
+
+def test_official_call_refuses_out_of_order_tags_too(tokenizer):
+    processor = official_processor(tokenizer, 1)
+    prompt = "<|user|>\n<|image_2|>\n<|image_1|>\nCompare.<|end|>\n<|assistant|>\n"
+    with pytest.raises(PhivisionError, match=r"tags \[2, 1\] do not match its 2 image\(s\): write <\|image_1\|> to "
+                                             r"<\|image_2\|>, each once, in order"):
+        processor(prompt, [noise_image(40, 40), noise_image(40, 40)])
+
+
+def test_image_too_large_to_open_safely_names_the_fix(tmp_path, monkeypatch):
+    path = tmp_path / "scan.png"
+    Image.new("RGB", (200, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses over twice this many pixels
+    with pytest.raises(PhivisionError, match="scan.png has too many pixels to open safely; downscale it"):
+        load_image(path)

@@ -74,6 +74,9 @@ def test_unknown_key_suggests_the_right_one(tmp_path, tiny_model_dir):
         (["method=qlora", "deepspeed=zero2"], "qlora does not combine with DeepSpeed"),
         (["eval_steps=5"], "eval_steps is set but eval_data is not"),
         (["learning_rate"], "write it as key=value"),
+        (["learning_rate=0"], "learning_rate must be above 0"),
+        (["eval_samples=0"], "eval_samples must be at least 1 (or null)"),
+        (["warmup_steps=-1"], "warmup_steps must be 0 or more"),
     ],
 )
 def test_config_errors_are_one_clear_line_and_exit_2(tmp_path, tiny_model_dir, capsys, overrides, message):
@@ -94,6 +97,23 @@ def test_overrides_are_typed_and_the_resolved_config_is_saved(tmp_path, tiny_mod
     run_training(config)
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved == config
+
+
+def test_relative_paths_are_saved_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["model=models/base", "train_data=data/train.jsonl", "output_dir=runs/one"],
+                         base={"eval_data": None})
+    assert (config.model, config.train_data, config.output_dir, config.eval_data) == (
+        str(tmp_path / "models/base"), str(tmp_path / "data/train.jsonl"), str(tmp_path / "runs/one"), None)
+
+
+@pytest.mark.parametrize("method, overrides, expected", [
+    ("qlora", [], True), ("lora", [], False), ("full", [], False),
+    ("qlora", ["gradient_checkpointing=false"], False), ("full", ["gradient_checkpointing=true"], True),
+])
+def test_gradient_checkpointing_defaults_on_for_qlora_only(tmp_path, tiny_model_dir, method, overrides, expected):
+    config = load_config(None, [f"method={method}", *overrides], base=base_config(tiny_model_dir, tmp_path, tmp_path / "o"))
+    assert config.resolved_gradient_checkpointing is expected
 
 
 # ---- methods -------------------------------------------------------------------------------
@@ -147,6 +167,7 @@ def test_lora_trains_adapters_on_the_official_targets_and_leaves_the_base(tmp_pa
     result = train(tmp_path, tiny_model_dir, digits_data, method="lora", learning_rate=1e-2)
     curve = losses(result.output_dir)
     assert curve[-1] < curve[0]
+    assert not result.model.is_gradient_checkpointing  # only qlora recomputes by default
     base = tensors(tiny_model_dir)
     state = {name.replace("base_model.model.", "").replace(".base_layer", ""): tensor
              for name, tensor in result.model.state_dict().items() if "lora_" not in name}
@@ -167,9 +188,15 @@ def test_qlora_keeps_the_decoder_in_4_bit_and_the_vision_side_unquantised(tmp_pa
     result = train(tmp_path, tiny_model_dir, digits_data, method="qlora", learning_rate=1e-2)
     curve = losses(result.output_dir)
     assert curve[-1] < curve[0]
+    assert result.model.is_gradient_checkpointing  # qlora's default
     modules = dict(result.model.named_modules())
     qkv = modules["base_model.model.model.layers.0.self_attn.qkv_proj"].base_layer
     assert isinstance(qkv, bnb.nn.Linear4bit) and qkv.weight.quant_type == "nf4"
+    from phivision.model.weights import load_model
+    from phivision.train.methods import parameter_count
+
+    adapters = parameter_count(result.model, trainable_only=True)
+    assert parameter_count(result.model) - adapters == parameter_count(load_model(tiny_model_dir))  # 4-bit counted whole
     projection = modules["base_model.model.model.vision_embed_tokens.img_projection.0"].base_layer
     assert type(projection) is torch.nn.Linear
 
@@ -205,7 +232,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
                     model.model.norm.weight.fill_(float("nan"))
 
     config = load_config(None, base=base_config(tiny_model_dir, digits_data, tmp_path / "run", save_steps=3))
-    with pytest.raises(PhivisionError, match=r"loss became nan at step 4; .*last good checkpoint is .*checkpoint-3"):
+    with pytest.raises(PhivisionError, match=r"loss became non-finite at step 4 \(here: nan\); .*last good checkpoint is .*checkpoint-3"):
         run_training(config, callbacks=[Poison()])
 
 
@@ -335,6 +362,33 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, tiny_model_dir, dig
         train(tmp_path, tiny_model_dir, digits_data, max_steps=3)
 
 
+def test_a_finished_run_without_checkpoints_says_so(tmp_path, tiny_model_dir, digits_data):
+    import shutil
+
+    result = train(tmp_path, tiny_model_dir, digits_data, max_steps=2)
+    shutil.rmtree(result.output_dir / "checkpoint-2")  # e.g. deleted to save space after the run
+    for resume in (None, "auto"):
+        config = load_config(None, base=base_config(tiny_model_dir, digits_data, tmp_path / "run", max_steps=2))
+        with pytest.raises(PhivisionError, match="holds a finished run \\(model/\\) with no checkpoint left"):
+            run_training(config, resume=resume)
+
+
+def test_resume_from_a_renamed_checkpoint_after_a_torn_metrics_line(tmp_path, tiny_model_dir, digits_data):
+    import shutil
+
+    first = train(tmp_path, tiny_model_dir, digits_data, max_steps=3, save_steps=3)
+    best = tmp_path / "best"
+    shutil.copytree(first.output_dir / "checkpoint-3", best)
+    shutil.rmtree(first.output_dir / "model")
+    with (first.output_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 4, "lo')  # the process was killed mid-line
+    config = load_config(None, base=base_config(tiny_model_dir, digits_data, tmp_path / "run", max_steps=5))
+    result = run_training(config, resume=str(best))
+    assert result.global_step == 5
+    steps = [json.loads(line)["step"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 5 and 4 in steps
+
+
 @pytest.mark.slow
 def test_deepspeed_config_also_runs_without_torchrun(tmp_path, tiny_model_dir, digits_data):
     values = base_config(tiny_model_dir, digits_data, tmp_path / "run", max_steps=2, save_steps=2,
@@ -350,8 +404,12 @@ def test_deepspeed_config_also_runs_without_torchrun(tmp_path, tiny_model_dir, d
 def test_task_metric_is_evaluated_every_eval_steps_and_plotted(tmp_path, tiny_model_dir, digits_data):
     from phivision.cli.evaluation_callback import task_metric_callbacks
 
-    values = base_config(tiny_model_dir, digits_data, tmp_path / "run", max_steps=4, eval_steps=2,
-                         eval_data=str(digits_data / "small_test.jsonl"), eval_samples=5, max_new_tokens=3)
+    eval_data = tmp_path / "eval.jsonl"
+    lines = (digits_data / "small_test.jsonl").read_text().splitlines()
+    eval_data.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")  # skipped, counted, never evaluated
+    values = base_config(tiny_model_dir, digits_data, tmp_path / "run", max_steps=4, eval_steps=2, skip_invalid=True,
+                         eval_data=str(eval_data), eval_image_root=str(digits_data / "images"), eval_samples=5,
+                         max_new_tokens=3)
     config = load_config(None, base=values)
     result = run_training(config, callbacks=task_metric_callbacks(config))
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -360,3 +418,30 @@ def test_task_metric_is_evaluated_every_eval_steps_and_plotted(tmp_path, tiny_mo
     assert all(0 <= r["eval_accuracy"] <= 1 for r in records if "eval_accuracy" in r)
     report = (result.output_dir / "report.md").read_text()
     assert "eval_accuracy" in report and "eval_loss" in report
+
+
+def _finite_on_rank(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from phivision.train.trainer import finite_everywhere
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        finite = torch.tensor(1.5)
+        results[rank] = (finite_everywhere(finite), finite_everywhere(torch.tensor(float("nan")) if rank else finite))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_process_stops_every_process():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_finite_on_rank, args=(port, results), nprocs=2)
+    assert dict(results) == {0: (True, False), 1: (True, False)}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from phivision.cli.options import positive_int
+from phivision.train.config import ATTENTIONS, PRECISIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (a base, or a run's model/ folder)")
@@ -12,13 +15,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="jsonl dataset")
     parser.add_argument("--image-root", default=None, help="image folder (default: images/ beside the jsonl)")
     parser.add_argument("--metric", choices=["auto", "accuracy", "anls"], default="auto")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-crops", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--num-crops", type=positive_int, default=None,
                         help="crops per image (default: the adapter's training value, else the model folder's)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--attn", choices=ATTENTIONS, default="sdpa")
     parser.add_argument("--out", default=None, help="folder for predictions.jsonl and metrics.json")
 
 

@@ -8,7 +8,7 @@ from phivision.train.config import TrainConfig
 
 
 class TaskMetricCallback(TrainerCallback):
-    """Greedy generation on up to `eval_samples` eval samples; logs `eval_<metric>`."""
+    """Greedy generation on the samples the eval loss uses (checked, up to `eval_samples`); logs `eval_<metric>`."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -27,10 +27,11 @@ class TaskMetricCallback(TrainerCallback):
         model.eval()
         metrics = evaluate_dataset(
             model, processor, self.config.eval_data, self.config.eval_image_root, self.config.metric,
-            self.config.eval_batch_size, self.config.max_new_tokens, self.config.eval_samples, progress=False,
+            self.config.eval_batch_size, self.config.max_new_tokens, progress=False,
+            lines=self.trainer.eval_dataset.indices,
         )
         model.train(was_training)
-        if metrics and self.trainer is not None:
+        if metrics:
             self.trainer.log({f"eval_{metrics['metric']}": metrics[metrics["metric"]]})
         return control
 

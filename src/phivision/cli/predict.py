@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+from phivision.cli.options import positive_int
+from phivision.train.config import ATTENTIONS, PRECISIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply")
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     parser.add_argument("--video", default=None, help="a video file, sampled to --frames frames")
-    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--frames", type=positive_int, default=8)
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--num-crops", type=int, default=None,
-                        help="default: 16 for one image, 4 for several images or a video (official guidance)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa")
+    parser.add_argument("--num-crops", type=positive_int, default=None,
+                        help="default: the adapter's training value, else 16 for one image and 4 for several "
+                             "images or a video (official guidance)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--attn", choices=ATTENTIONS, default="sdpa")
 
 
 def default_num_crops(images: int) -> int:
@@ -26,9 +30,9 @@ def default_num_crops(images: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from phivision.evaluate.generate import generate, load_for_inference
+    from phivision.evaluate.generate import generate, inference_processor, load_for_inference
     from phivision.processing.images import load_image
-    from phivision.processing.processor import ChatTurn, Phi3VProcessor
+    from phivision.processing.processor import ChatTurn
     from phivision.processing.video import load_frames
 
     images = [load_image(path) for path in args.image]
@@ -37,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
         frames = load_frames(args.video, args.frames)
         images += frames
         names += [f"{args.video} frame {k + 1}" for k in range(len(frames))]
-    num_crops = args.num_crops or default_num_crops(len(images))
-    processor = Phi3VProcessor.from_pretrained(args.model, num_crops=num_crops)
+    num_crops = args.num_crops
+    if num_crops is None and args.adapter is None:
+        num_crops = default_num_crops(len(images))
+    processor = inference_processor(args.model, args.adapter, num_crops)
     model = load_for_inference(args.model, args.adapter, args.precision, args.attn)
     prompt = processor.encode_conversation("prompt", [ChatTurn(args.prompt, None, images, names)], for_generation=True)
     streamer = TextStreamer(_StreamingTokenizer(processor.tokenizer), skip_prompt=True)

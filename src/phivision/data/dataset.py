@@ -156,7 +156,7 @@ def check_dataset(
             length = sample_length(sample, root, processor, train_on)
         except PhivisionError as error:
             message = str(error)
-            if not message.startswith(str(path)):
+            if not message.startswith(str(Path(path))):
                 message = f"{path}:{samples.line_number(position)}: {message}"
             invalid.append(message)
             continue

@@ -60,9 +60,13 @@ def evaluate_dataset(
     limit: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    lines: list[int] | None = None,
 ) -> dict:
-    """Metrics on rank 0 (other ranks return {}); files in `out_dir` when given."""
-    dataset = ConversationDataset(data, processor, image_root, for_generation=True)
+    """Metrics on rank 0 (other ranks return {}); files in `out_dir` when given.
+
+    `lines` picks the jsonl's samples by position (training passes those that passed its check).
+    """
+    dataset = ConversationDataset(data, processor, image_root, indices=lines, for_generation=True)
     positions = list(range(len(dataset)))[: limit or None]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     predictions = _gather(generate_dataset(model, dataset, positions[rank::world], batch_size, max_new_tokens,

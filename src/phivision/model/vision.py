@@ -71,7 +71,7 @@ class Phi3VImageEmbedding(nn.Module):
     def _merge_2x2(self, features: torch.Tensor) -> torch.Tensor:
         """[n, P*P, C] patch features -> [n, P/2, P/2, 4C], each 2x2 block concatenated row-major."""
         n, _, channels = features.shape
-        grid, half = self.patch_grid, self.merged_grid
+        half = self.merged_grid
         features = features.reshape(n, half, 2, half, 2, channels).permute(0, 1, 3, 2, 4, 5)
         return features.reshape(n, half, half, 4 * channels)
 

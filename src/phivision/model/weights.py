@@ -95,9 +95,18 @@ def load_model(
 
 
 def save_model(model: Phi3VForCausalLM, folder: str | Path, precision: str | torch.dtype | None = None) -> None:
-    """Write safetensors with the official key names and 5 GB shards, plus config.json."""
+    """Write safetensors with the official key names and 5 GB shards, plus config.json.
+
+    With `precision`, cast copies are written and the caller's model (a run's result, still to be
+    evaluated) keeps its own weights, bit for bit.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    original = {name: tensor.data for name, tensor in model.state_dict(keep_vars=True).items()}
     if precision is not None:
-        model = model.to(resolve_dtype(precision))
-    model.save_pretrained(folder, max_shard_size=OFFICIAL_SHARD_SIZE, safe_serialization=True)
+        model.to(resolve_dtype(precision))
+    try:
+        model.save_pretrained(folder, max_shard_size=OFFICIAL_SHARD_SIZE, safe_serialization=True)
+    finally:
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            tensor.data = original[name]

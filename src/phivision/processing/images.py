@@ -32,6 +32,9 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return to_rgb(image)
+    except Image.DecompressionBombError:
+        raise PhivisionError(f"image {path} has too many pixels to open safely; downscale it (the model sees "
+                             "at most 16 crops of 336 pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise PhivisionError(f"image {path} cannot be decoded ({error}); re-export or remove it") from None
 

@@ -163,9 +163,11 @@ class Phi3VProcessor:
         """Like the official processor: a full prompt string with `<|image_k|>` tags and its images."""
         images = images or []
         pixel_values, image_sizes, counts = self.process_images(images, num_crops)
-        tags = sorted(int(number) for number in IMAGE_TAG.findall(text))
+        tags = [int(number) for number in IMAGE_TAG.findall(text)]
         if tags != list(range(1, len(images) + 1)):
-            raise PhivisionError(f"the prompt's image tags {tags} do not match its {len(images)} image(s)")
+            # Placeholders are filled in order of appearance: out-of-order tags would swap images.
+            raise PhivisionError(f"the prompt's image tags {tags} do not match its {len(images)} image(s): "
+                                 f"write <|image_1|> to <|image_{len(images)}|>, each once, in order")
         input_ids = torch.tensor([self.prompt_ids(text, counts)], dtype=torch.long)
         return {
             "input_ids": input_ids,

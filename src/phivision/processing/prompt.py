@@ -13,7 +13,6 @@ from phivision.errors import PhivisionError
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
-SYSTEM = "<|system|>"
 
 
 def user_content(sample_id: str, turn_index: int, text: str, first_image: int, num_images: int) -> str:
@@ -50,6 +49,3 @@ def user_turn(content: str) -> str:
     """One user message in the chat template, followed by the generation prompt."""
     return f"{USER}\n{content}{END}\n{ASSISTANT}\n"
 
-
-def system_turn(content: str) -> str:
-    return f"{SYSTEM}\n{content}{END}\n"

@@ -6,11 +6,13 @@ have finished writing, so a kill during a save never leaves a `checkpoint-N` tha
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 from phivision.errors import PhivisionError
+from phivision.train.report import read_metrics
 
 STAGING = ".staging"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -51,26 +53,26 @@ def check_fresh_output(output_dir: str | Path) -> None:
     """A new run never writes over an earlier one: it resumes it or goes elsewhere."""
     output_dir = Path(output_dir)
     earlier = complete_checkpoints(output_dir)
-    if earlier or (output_dir / "model").exists():
-        found = earlier[-1].name if earlier else "model/"
+    if earlier:
         raise PhivisionError(
-            f"output_dir {output_dir} already holds a run ({found}): continue it with --resume auto, "
+            f"output_dir {output_dir} already holds a run ({earlier[-1].name}): continue it with --resume auto, "
             "or choose another output_dir"
         )
+    if (output_dir / "model").exists():
+        raise PhivisionError(f"output_dir {output_dir} holds a finished run (model/) with no checkpoint left to "
+                             "resume from: choose another output_dir")
 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop log lines past the checkpoint: those steps are trained again."""
-    import json
-
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_metrics(path) if record["step"] <= step]
+    if path.is_file():
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 def checkpoint_step(checkpoint: str | Path) -> int:
-    return int(CHECKPOINT.match(Path(checkpoint).name).group(1))
+    """The step a checkpoint was saved at, from its state (the folder may have been renamed)."""
+    return int(json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())["global_step"])
 
 
 def clear_staging(output_dir: str | Path) -> None:

@@ -8,11 +8,17 @@ from pathlib import Path
 from phivision.train.config import TrainConfig
 
 
-def read_metrics(output_dir: Path) -> list[dict]:
-    path = output_dir / "metrics.jsonl"
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a `metrics.jsonl`; a line cut off by a killed process is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def plot_curves(records: list[dict], path: Path) -> bool:
@@ -49,7 +55,7 @@ def plot_curves(records: list[dict], path: Path) -> bool:
 
 
 def write_report(output_dir: Path, config: TrainConfig, steps: int, samples: int, skipped: int) -> Path:
-    records = read_metrics(output_dir)
+    records = read_metrics(output_dir / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r]
     speeds = [r["images_per_second"] for r in records if "images_per_second" in r]
     summary = [r for r in records if "train_runtime" in r]

@@ -23,6 +23,14 @@ from phivision.errors import PhivisionError
 from phivision.train.checkpoints import complete_checkpoints, disk_error, publish, staging_dir
 
 
+def finite_everywhere(loss: torch.Tensor) -> bool:
+    """True when no process's loss is NaN or infinite: every rank stops at the same step, or none does."""
+    non_finite = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(non_finite)
+    return non_finite.item() == 0
+
+
 class PhivisionTrainer(Trainer):
     def __init__(self, *args, sample_lengths: list[int] | None = None, group_by_length: bool = False,
                  max_tokens_per_batch: int | None = None, **kwargs):
@@ -63,12 +71,12 @@ class PhivisionTrainer(Trainer):
             self._images += int(inputs["image_sizes"].shape[0])
         self._tokens += int(inputs["input_ids"].numel() if "attention_mask" not in inputs else inputs["attention_mask"].sum())
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
+        if not finite_everywhere(loss):
             previous = complete_checkpoints(self.args.output_dir)
             kept = f"the last good checkpoint is {previous[-1]}" if previous else "no checkpoint was saved yet"
             raise PhivisionError(
-                f"the loss became {loss.item()} at step {self.state.global_step + 1}; stopped, {kept}. "
-                "Lower learning_rate, or use bf16/fp32 instead of fp16"
+                f"the loss became non-finite at step {self.state.global_step + 1} (here: {loss.item()}); "
+                f"stopped, {kept}. Lower learning_rate, or use bf16/fp32 instead of fp16"
             )
         return loss
 
