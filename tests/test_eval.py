@@ -297,3 +297,14 @@ def test_counts_below_one_are_a_usage_error(command, flag, tmp_path, capsys):
         main([command, *required, flag, "0"])
     assert exit_info.value.code == 2
     assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("samples, world", [(17, 2), (16, 4), (2, 3), (0, 2)])
+def test_every_rank_gets_as_many_samples_and_all_are_covered(samples, world):
+    from phivision.evaluate.evaluation import shard
+
+    positions = list(range(samples))
+    shards = [shard(positions, rank, world) for rank in range(world)]
+    assert len({len(part) for part in shards}) == 1  # the same number of generate calls on every rank
+    assert set().union(*shards) == set(positions)
+    assert len(shards[0]) == -(-samples // world)

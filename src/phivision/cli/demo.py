@@ -90,12 +90,12 @@ def run_task(task: str, out: Path, model_dir: Path, steps: int | None, seed: int
 
 
 def write_report(out: Path, results: list[dict]) -> Path:
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
     positions = range(len(results))
     axis.bar([p - 0.2 for p in positions], [r["before"] for r in results], 0.4, label="before training")
     axis.bar([p + 0.2 for p in positions], [r["after"] for r in results], 0.4, label="after training")
@@ -106,7 +106,6 @@ def write_report(out: Path, results: list[dict]) -> Path:
     axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "accuracy.png", dpi=110)
-    plt.close(figure)
     lines = ["# phivision demo", "", results_table(results), "", "![accuracy](accuracy.png)", ""]
     for result in results:
         lines.append(f"- `{result['task']}`: config `{result['config']}`, run `{result['run']}` "

@@ -1,7 +1,7 @@
 """Evaluate a model on a jsonl dataset: generate, score, write predictions and metrics.
 
-Under `torchrun` every rank generates for its own shard (positions rank, rank + world, ...)
-and rank 0 gathers them, so each sample is scored exactly once.
+Under `torchrun` every rank generates for its own shard (positions rank, rank + world, ...,
+padded to one length) and rank 0 gathers them, so each sample is scored exactly once.
 """
 
 from __future__ import annotations
@@ -38,6 +38,19 @@ def score(prediction: str, refs: list[str], metric: str) -> float:
     return anls(prediction, refs) if metric == "anls" else max(exact_match(prediction, ref) for ref in refs)
 
 
+def shard(positions: list[int], rank: int, world: int) -> list[int]:
+    """This rank's positions, padded with a repeat to the same count on every rank.
+
+    Under ZeRO-3 each forward pass gathers weights from all ranks, so every rank must make the
+    same number of `generate` calls; a repeated sample is generated twice and scored once.
+    """
+    mine = positions[rank::world]
+    if not positions:
+        return mine
+    count = -(-len(positions) // world)
+    return mine + [mine[-1] if mine else positions[0]] * (count - len(mine))
+
+
 def _gather(predictions: dict[int, str]) -> dict[int, str]:
     if not (dist.is_available() and dist.is_initialized()):
         return predictions
@@ -69,7 +82,7 @@ def evaluate_dataset(
     dataset = ConversationDataset(data, processor, image_root, indices=lines, for_generation=True)
     positions = list(range(len(dataset)))[: limit or None]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    predictions = _gather(generate_dataset(model, dataset, positions[rank::world], batch_size, max_new_tokens,
+    predictions = _gather(generate_dataset(model, dataset, shard(positions, rank, world), batch_size, max_new_tokens,
                                            progress and rank == 0))
     if rank != 0:
         return {}

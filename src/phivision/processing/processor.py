@@ -18,12 +18,12 @@ from PIL import Image
 
 from phivision.errors import PhivisionError
 from phivision.model.config import Phi3VConfig
+from phivision.model.modeling import IGNORE_INDEX
 from phivision.model.vision import num_image_tokens
 from phivision.processing.images import CLIP_MEAN, CLIP_STD, crop_grid, hd_transform
 from phivision.processing.prompt import IMAGE_TAG, END, user_content, user_turn
 from phivision.processing.tokenizer import Phi3Tokenizer
 
-IGNORE_INDEX = -100
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 

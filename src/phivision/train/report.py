@@ -23,10 +23,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_curves(records: list[dict], path: Path) -> bool:
     """Train loss, eval loss and any eval metric against the step; False when there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: a notebook's plotting backend stays as it was
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -34,7 +32,9 @@ def plot_curves(records: list[dict], path: Path) -> bool:
                           ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")})
     if not train:
         return False
-    figure, loss_axis = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)
+    loss_axis = figure.add_subplot()
     loss_axis.plot(*zip(*train), label="train loss")
     if evals:
         loss_axis.plot(*zip(*evals), "o-", label="eval loss")
@@ -50,7 +50,6 @@ def plot_curves(records: list[dict], path: Path) -> bool:
     loss_axis.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return True
 
 
