@@ -18,8 +18,6 @@ from phivision.processing.processor import PREPROCESSOR_FILE, Encoded, Phi3VProc
 def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None, precision: str = "auto",
                        attn: str = "sdpa"):
     """A base folder, optionally with a LoRA adapter applied (not merged), in eval mode."""
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     model = load_model(model_dir, precision=precision, attn=attn)
     if adapter is not None:
         from peft import PeftModel

@@ -18,10 +18,13 @@ OFFICIAL_SHARD_SIZE = "5GB"
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A precision name as a dtype; `auto` is bf16 on a GPU that has it, else fp32."""
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     if name not in DTYPES:
-        raise PhivisionError(f"unknown precision {name!r}: choose one of {', '.join(DTYPES)}")
+        raise PhivisionError(f"unknown precision {name!r}: choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 

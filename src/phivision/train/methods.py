@@ -16,7 +16,7 @@ import torch
 
 from phivision.errors import PhivisionError
 from phivision.model.modeling import Phi3VForCausalLM
-from phivision.model.weights import load_model
+from phivision.model.weights import load_model, resolve_dtype
 from phivision.train.config import TrainConfig
 
 LORA_GROUPS = ("decoder", "vision", "projector", "lm_head")
@@ -28,9 +28,7 @@ QLORA_SKIP_MODULES = ["model.vision_embed_tokens", "lm_head"]
 
 def compute_dtype(config: TrainConfig) -> torch.dtype:
     """The precision the forward pass runs in; `auto` is bf16 on a GPU that has it, else fp32."""
-    if config.precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision]
+    return resolve_dtype(config.precision)
 
 
 def weight_dtype(config: TrainConfig) -> torch.dtype:
