@@ -22,7 +22,7 @@ TASK_SETTINGS = {
     "motion": {"max_steps": 500, "chance": 0.25, "eval": "ucf101_test.jsonl"},
 }
 # Enough clips that the model learns the direction rather than memorising the clips.
-MOTION_VIDEOS_PER_CLASS = {"train": 200, "val": 12, "test": 20}
+DEMO_MOTION_VIDEOS_PER_CLASS = {"train": 200, "val": 12, "test": 20}
 TRAIN_DEFAULTS = {
     "method": "full", "num_crops": 1, "global_batch_size": 32, "per_device_batch_size": 32,
     "learning_rate": 3e-3, "warmup_steps": 20, "logging_steps": 20, "save_steps": 200, "save_total_limit": 1,
@@ -44,7 +44,7 @@ def prepare_data(task: str, data_dir: Path, seed: int) -> tuple[Path, Path]:
     if task == "motion":
         raw = data_dir / "raw"
         if not (data_dir / "ucf101_train.jsonl").is_file():
-            digits.write_motion_task(raw, seed=seed, videos_per_class=MOTION_VIDEOS_PER_CLASS)
+            digits.write_motion_task(raw, seed=seed, videos_per_class=DEMO_MOTION_VIDEOS_PER_CLASS)
             from phivision.cli.main import main as phivision
 
             if phivision(["convert", "ucf101", str(raw / "UCF101_subset"), str(data_dir), "--workers", "1"]) != 0:
