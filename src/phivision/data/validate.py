@@ -202,6 +202,8 @@ def _video_problem(path: Path) -> str | None:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 return f"has no video stream at {path}; check that it is a video file"
+            if next(container.decode(video=0), None) is None:
+                return f"has no decodable frames at {path}; re-encode or remove it"
     except av.FFmpegError as error:
         return f"cannot be opened as a video ({error.strerror or error}) at {path}; re-encode or remove it"
     return None

@@ -47,6 +47,22 @@ def load_frames(path: str | Path, num_frames: int) -> list[Image.Image]:
     return _decode_frames(path, frame_indices(decoded, num_frames))[1]
 
 
+def video_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the first decoded frame: a file that opens but does not decode fails now,
+    in the up-front check, not hours into training."""
+    path = Path(path)
+    if not path.is_file():
+        raise PhivisionError(f"video {path} does not exist")
+    with _open_video(path) as container:
+        try:
+            frame = next(container.decode(video=0), None)
+        except av.FFmpegError as error:
+            raise PhivisionError(f"video {path} cannot be decoded ({_reason(error)}); re-encode or remove it") from None
+    if frame is None or frame.width < 1 or frame.height < 1:
+        raise PhivisionError(f"video {path} has no decodable frames; re-encode or remove it")
+    return frame.width, frame.height
+
+
 def _claimed_frame_count(path: Path) -> int:
     """The frame count stored in the container, 0 where it stores none."""
     with _open_video(path) as container:
