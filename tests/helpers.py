@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import socket
 from pathlib import Path
 
 import av
@@ -37,6 +38,21 @@ def write_clip(path: Path, num_frames: int, codec: str = "mpeg4", size: int = 32
             container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_on_two_processes(function) -> dict:
+    """`function(rank, port, results)` on two spawned processes; what they put in `results`."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(function, args=(free_port(), results), nprocs=2)
+    return dict(results)
 
 
 def write_undecodable_video(path: Path) -> Path:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import read_jsonl, run_cli, write_mixed_data
+from helpers import free_port, read_jsonl, run_cli, write_mixed_data
 from PIL import Image
 
 from phivision.data.digits import DIGIT_WORDS, DIGITS_QUESTION
@@ -248,12 +247,6 @@ def test_trained_model_ends_its_answer_with_end(trained_model, trained, digits, 
 
 
 # ---- two processes -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from helpers import run_on_two_processes
 
 from phivision.cli.main import main
 from phivision.errors import PhivisionError
@@ -435,13 +436,23 @@ def _finite_on_rank(rank: int, port: int, results) -> None:
 
 @pytest.mark.slow
 def test_a_non_finite_loss_on_one_process_stops_every_process():
-    import socket
+    assert run_on_two_processes(_finite_on_rank) == {0: (True, False), 1: (True, False)}
 
-    import torch.multiprocessing as mp
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_finite_on_rank, args=(port, results), nprocs=2)
-    assert dict(results) == {0: (True, False), 1: (True, False)}
+def _check_on_rank(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from phivision.train.run import on_main_process
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    calls = []
+    try:
+        results[rank] = (on_main_process(lambda: calls.append(rank) or f"checked by rank {rank}"), calls)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_data_check_runs_once_on_rank_0_and_every_rank_gets_its_result():
+    assert run_on_two_processes(_check_on_rank) == {0: ("checked by rank 0", [0]), 1: ("checked by rank 0", [])}

@@ -12,9 +12,11 @@ Output folder layout:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -41,6 +43,8 @@ from phivision.train.trainer import (
 )
 
 DEEPSPEED_PRESETS = ("zero2", "zero3")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,6 +83,25 @@ def single_process_rendezvous() -> None:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def on_main_process(work: Callable[[], T]) -> T:
+    """`work` done once, on rank 0, and its result handed to every rank.
+
+    The up-front data check decodes every image: N ranks would decode each one N times. If rank 0
+    fails, torchrun stops the waiting ranks.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return work()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # the Trainer's accelerator finds and keeps this group
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    result = [work() if is_main_process() else None]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def training_arguments(config: TrainConfig, world_size: int):
@@ -140,19 +163,19 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
         truncate_metrics(output_dir / "metrics.jsonl", checkpoint_step(checkpoint) if checkpoint else 0)
         (output_dir / "config.yaml").write_text(config.to_yaml())
     processor = Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
-    checked = check_dataset(
+    checked = on_main_process(lambda: check_dataset(
         config.train_data, processor, config.train_image_root, config.max_length,
         config.skip_invalid, config.skip_too_long, config.train_on,
-    )
+    ))
     train_set = ConversationDataset(
         config.train_data, processor, config.train_image_root, config.train_on, checked.indices, checked.lengths
     )
     eval_set = None
     if config.eval_data and config.eval_steps:
-        eval_checked = check_dataset(
+        eval_checked = on_main_process(lambda: check_dataset(
             config.eval_data, processor, config.eval_image_root, config.max_length,
             config.skip_invalid, config.skip_too_long, config.train_on,
-        )
+        ))
         limit = config.eval_samples or len(eval_checked.indices)
         eval_set = ConversationDataset(config.eval_data, processor, config.eval_image_root, config.train_on,
                                        eval_checked.indices[:limit], eval_checked.lengths[:limit])
