@@ -40,7 +40,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_processor_16():
-    return processor_for(random_model("tiny"), Phi3Tokenizer.bundled(), 16)
+    return processor_for(random_model("tiny").config, Phi3Tokenizer.bundled(), 16)
 
 
 def test_one_linear_layer_by_hand():

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from phivision.model.modeling import Phi3VForCausalLM
-from phivision.model.tiny import preset_config
-from phivision.processing.folder import save_model_folder
+from phivision.model.tiny import init_separators, preset_config
+from phivision.processing.folder import processor_for, save_model_folder
 from phivision.processing.processor import Phi3VProcessor
 from phivision.processing.tokenizer import Phi3Tokenizer
 from phivision.train.config import TrainConfig
@@ -34,10 +34,7 @@ def random_weights(preset: str, device: torch.device, attn: str = "sdpa", seed: 
     model.initialize_weights()
     clip = model.model.vision_embed_tokens.img_processor.vision_model
     clip.apply(clip._init_weights)  # CLIP's own scheme, as a normally built model gets
-    embedding = model.model.vision_embed_tokens
-    with torch.no_grad():
-        embedding.glb_GN.normal_(std=0.02)
-        embedding.sub_GN.normal_(std=0.02)
+    init_separators(model)
     return model
 
 
@@ -45,7 +42,7 @@ def write_preset_folder(preset: str, folder: str | Path, device: torch.device, s
     """A random-weight checkpoint folder of the preset, in bf16 on a GPU (half the disk), else fp32."""
     model = random_weights(preset, device, seed=seed)
     precision = torch.bfloat16 if device.type == "cuda" else torch.float32
-    processor = Phi3VProcessor(Phi3Tokenizer.bundled(), MAX_CROPS, model.config.crop_size, model.config.merged_grid)
+    processor = processor_for(model.config, Phi3Tokenizer.bundled(), MAX_CROPS)
     save_model_folder(model, processor, folder, precision)
     del model
     if device.type == "cuda":
@@ -57,8 +54,7 @@ def bench_processor(preset: str | None, model_dir: str | None) -> Phi3VProcessor
     """A processor with the model's crop geometry and the bundled Phi-3 vocabulary."""
     if model_dir:
         return Phi3VProcessor.from_pretrained(model_dir, num_crops=MAX_CROPS)
-    config = preset_config(preset)
-    return Phi3VProcessor(Phi3Tokenizer.bundled(), MAX_CROPS, config.crop_size, config.merged_grid)
+    return processor_for(preset_config(preset), Phi3Tokenizer.bundled(), MAX_CROPS)
 
 
 def build_model(preset: str | None, model_dir: str | None, config: TrainConfig, device: torch.device,

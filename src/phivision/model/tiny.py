@@ -73,8 +73,13 @@ def random_model(preset: str, seed: int = 0, attn: str = "sdpa") -> Phi3VForCaus
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = Phi3VForCausalLM(config)
+    init_separators(model)
+    return model
+
+
+def init_separators(model: Phi3VForCausalLM) -> None:
+    """The image separators start at zero; small random values let them carry signal from step one."""
     embedding = model.model.vision_embed_tokens
     with torch.no_grad():
         embedding.glb_GN.normal_(std=0.02)
         embedding.sub_GN.normal_(std=0.02)
-    return model

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from phivision.model.config import Phi3VConfig
 from phivision.model.modeling import Phi3VForCausalLM
 from phivision.model.tiny import random_model
 from phivision.model.weights import save_model
@@ -23,14 +24,13 @@ def save_model_folder(
     processor.save_pretrained(folder)
 
 
-def processor_for(model: Phi3VForCausalLM, tokenizer: Phi3Tokenizer, num_crops: int) -> Phi3VProcessor:
+def processor_for(config: Phi3VConfig, tokenizer: Phi3Tokenizer, num_crops: int) -> Phi3VProcessor:
     """A processor whose crop geometry matches the model's vision tower."""
-    config = model.config
     return Phi3VProcessor(tokenizer, num_crops=num_crops, crop_size=config.crop_size, merged_grid=config.merged_grid)
 
 
 def write_random_model(folder: str | Path, preset: str = "tiny", num_crops: int = 4, seed: int = 0) -> Path:
     """A complete random-weight folder with the real Phi-3 vocabulary."""
     model = random_model(preset, seed=seed)
-    save_model_folder(model, processor_for(model, Phi3Tokenizer.bundled(), num_crops), folder)
+    save_model_folder(model, processor_for(model.config, Phi3Tokenizer.bundled(), num_crops), folder)
     return Path(folder)
