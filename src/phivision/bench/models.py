@@ -58,7 +58,7 @@ def bench_processor(preset: str | None, model_dir: str | None) -> Phi3VProcessor
 
 
 def build_model(preset: str | None, model_dir: str | None, config: TrainConfig, device: torch.device,
-                seed: int = 0, fp32_weights: bool = False):
+                seed: int = 0, fp32_weights: bool = False) -> torch.nn.Module:
     """The model as training gets it for `config.method`; `fp32_weights` lifts every float weight to fp32."""
     if model_dir:
         torch.manual_seed(seed)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from phivision.data.format import DEFAULT_FRAMES, JsonlDataset, Sample, default_image_root, is_video, resolve_media
+from phivision.data.validate import TokenCounter
 from phivision.errors import PhivisionError
 from phivision.processing.images import load_image
 from phivision.processing.processor import ChatTurn, Encoded, Phi3VProcessor
@@ -61,7 +62,7 @@ def sample_length(sample: Sample, image_root: Path, processor: Phi3VProcessor, t
 
 
 def build_token_counter(model_dir: str | Path, num_crops: int | None, data: str | Path,
-                        image_root: str | Path | None = None):
+                        image_root: str | Path | None = None) -> TokenCounter:
     """Exact training length of a sample, for `phivision validate --model`."""
     processor = Phi3VProcessor.from_pretrained(model_dir, num_crops=num_crops)
     root = Path(image_root) if image_root else default_image_root(data)

@@ -47,7 +47,7 @@ def _dequantise_linear4bit(model: nn.Module) -> None:
                 setattr(module, child_name, linear)
 
 
-def adapted_model(run_dir: Path, run: dict):
+def adapted_model(run_dir: Path, run: dict) -> nn.Module:
     """The base with the run's adapter applied, unmerged, in fp32 (4-bit bases dequantised)."""
     from peft import PeftModel
 

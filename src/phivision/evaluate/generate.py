@@ -16,7 +16,7 @@ from phivision.processing.processor import PREPROCESSOR_FILE, Encoded, Phi3VProc
 
 
 def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None, precision: str = "auto",
-                       attn: str = "sdpa"):
+                       attn: str = "sdpa") -> torch.nn.Module:
     """A base folder, optionally with a LoRA adapter applied (not merged), in eval mode."""
     model = load_model(model_dir, precision=precision, attn=attn)
     if adapter is not None:

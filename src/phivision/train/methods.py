@@ -67,7 +67,7 @@ def lora_target_pattern(model: Phi3VForCausalLM, targets: list[str] | None) -> s
     return "^(?:" + "|".join(patterns) + ")$"
 
 
-def load_for_training(config: TrainConfig, device_map=None) -> Phi3VForCausalLM:
+def load_for_training(config: TrainConfig, device_map: str | dict | None = None) -> torch.nn.Module:
     """Load the base model as the method needs it (4-bit for qlora) and mark what learns."""
     quantization = None
     if config.method == "qlora":
@@ -93,7 +93,7 @@ def load_for_training(config: TrainConfig, device_map=None) -> Phi3VForCausalLM:
     return apply_method(model, config)
 
 
-def apply_method(model: Phi3VForCausalLM, config: TrainConfig):
+def apply_method(model: Phi3VForCausalLM, config: TrainConfig) -> torch.nn.Module:
     """Set requires_grad per method; adapters are added by peft. Returns the model to train."""
     vision = model.model.vision_embed_tokens
     if config.method in ("lora", "qlora"):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -41,6 +41,9 @@ from phivision.train.trainer import (
     PhivisionTrainer,
     ProgressBarCallback,
 )
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 DEEPSPEED_PRESETS = ("zero2", "zero3")
 
@@ -104,7 +107,7 @@ def on_main_process(work: Callable[[], T]) -> T:
     return result[0]
 
 
-def training_arguments(config: TrainConfig, world_size: int):
+def training_arguments(config: TrainConfig, world_size: int) -> TrainingArguments:
     from transformers import TrainingArguments
 
     dtype = compute_dtype(config)
