@@ -280,12 +280,13 @@ def test_eval_with_an_adapter_uses_the_crops_it_was_trained_with(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("command, flag", [("eval", "--batch-size"), ("eval", "--limit"), ("eval", "--max-new-tokens"),
-                                           ("predict", "--num-crops"), ("predict", "--frames")])
+                                           ("predict", "--num-crops"), ("predict", "--frames"),
+                                           ("bench", "--steps"), ("bench", "--batch-size")])
 def test_counts_below_one_are_a_usage_error(command, flag, tmp_path, capsys):
     from phivision.cli.main import main
 
     required = {"eval": ["--model", str(tmp_path), "--data", str(tmp_path / "d.jsonl")],
-                "predict": ["--model", str(tmp_path), "--prompt", "hi"]}[command]
+                "predict": ["--model", str(tmp_path), "--prompt", "hi"], "bench": []}[command]
     with pytest.raises(SystemExit) as exit_info:
         main([command, *required, flag, "0"])
     assert exit_info.value.code == 2

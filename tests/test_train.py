@@ -402,13 +402,15 @@ def test_deepspeed_config_also_runs_without_torchrun(tmp_path, tiny_model_dir, d
         "tokenizer.json", "tokenizer_config.json"]
 
 
-def test_task_metric_is_evaluated_every_eval_steps_and_plotted(tmp_path, tiny_model_dir, digits_data):
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_task_metric_is_evaluated_every_eval_steps_and_plotted(tmp_path, tiny_model_dir, digits_data, method):
     from phivision.cli.evaluation_callback import task_metric_callbacks
 
     eval_data = tmp_path / "eval.jsonl"
     lines = (digits_data / "small_test.jsonl").read_text().splitlines()
     eval_data.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")  # skipped, counted, never evaluated
-    values = base_config(tiny_model_dir, digits_data, tmp_path / "run", max_steps=4, eval_steps=2, skip_invalid=True,
+    values = base_config(tiny_model_dir, digits_data, tmp_path / "run", method=method, max_steps=4, eval_steps=2,
+                         skip_invalid=True,
                          eval_data=str(eval_data), eval_image_root=str(digits_data / "images"), eval_samples=5,
                          max_new_tokens=3)
     config = load_config(None, base=values)

@@ -20,5 +20,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("DeepSpeed", "bitsandbytes", "accelerate"):
-        # A filter, not a level: DeepSpeed resets its logger's level when it is imported.
-        logging.getLogger(name).addFilter(_errors_only)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)  # also quiets the child loggers (bitsandbytes.backends.cpu.ops, ...)
+        logger.addFilter(_errors_only)  # DeepSpeed resets its logger's level when it is imported

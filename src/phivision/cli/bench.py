@@ -13,6 +13,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from phivision.cli.options import non_negative_int, positive_int
+from phivision.train.config import ATTENTIONS
+
 if TYPE_CHECKING:
     import torch
 
@@ -27,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=(*METHODS, "all"), default="all", help="training method (default: all)")
     parser.add_argument("--workload", choices=("docvqa", "memes", "video", "mixed"), default="mixed",
                         help="synthetic samples shaped like this dataset (default: mixed)")
-    parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per method (default: 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per optimiser step (default: 4)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed optimiser steps per method (default: 10)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="samples per optimiser step (default: 4)")
     parser.add_argument("--compare", action="store_true",
                         help="also run the official recipe's data path and right-padded batches; print ratios")
     parser.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
@@ -37,12 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on for qlora only)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="compute precision (auto: bf16 on a GPU that has it, else fp32)")
-    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
-    parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--attn", choices=ATTENTIONS, default="sdpa")
+    parser.add_argument("--lora-rank", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--matmul-size", type=int, default=0, metavar="N",
+    parser.add_argument("--matmul-size", type=non_negative_int, default=0, metavar="N",
                         help="side of the square matmul that measures the device peak (default: 2048 CPU, 8192 GPU)")
-    parser.add_argument("--threads", type=int, default=0, metavar="N",
+    parser.add_argument("--threads", type=non_negative_int, default=0, metavar="N",
                         help="CPU threads per measurement (default: all cores); 1 is steadier on a busy machine")
     parser.add_argument("--output", default="bench.json", help="where to write the results (default: bench.json)")
 
@@ -50,13 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from phivision.bench import report
     from phivision.bench.runner import DATA_PATHS, BenchSettings, device_for_run, run_in_subprocess
-    from phivision.errors import PhivisionError
-
-    for name in ("steps", "batch_size", "lora_rank"):
-        if getattr(args, name) < 1:
-            raise PhivisionError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        raise PhivisionError("--warmup must be 0 or more")
     methods = list(METHODS) if args.method == "all" else [args.method]
     preset = None if args.model else args.preset
     data_paths = list(DATA_PATHS) if args.compare else ["phivision"]

@@ -65,9 +65,10 @@ def check_fresh_output(output_dir: str | Path) -> None:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop log lines past the checkpoint: those steps are trained again."""
+    if not path.is_file():
+        return
     kept = [record for record in read_metrics(path) if record["step"] <= step]
-    if path.is_file():
-        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 def checkpoint_step(checkpoint: str | Path) -> int:

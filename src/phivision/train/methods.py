@@ -90,7 +90,21 @@ def load_for_training(config: TrainConfig, device_map: str | dict | None = None)
         config.model, precision=weight_dtype(config), attn=config.attn,
         quantization_config=quantization, device_map=device_map,
     )
+    if quantization is not None:
+        keep_4bit_layout(model)
     return apply_method(model, config)
+
+
+def keep_4bit_layout(model: Phi3VForCausalLM) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16 its first no-grad forward (the task metric during training)
+    rewrites each weight in place into a layout that needs sizes divisible by 32 and that
+    training's forward does not take back; training keeps the one layout it quantised.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_method(model: Phi3VForCausalLM, config: TrainConfig) -> torch.nn.Module:
