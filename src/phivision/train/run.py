@@ -35,12 +35,8 @@ from phivision.train.checkpoints import (
 from phivision.train.config import TrainConfig
 from phivision.train.methods import compute_dtype, load_for_training, trainable_summary
 from phivision.train.report import write_report
-from phivision.train.trainer import (
-    GracefulInterruptCallback,
-    MetricsFileCallback,
-    PhivisionTrainer,
-    ProgressBarCallback,
-)
+from phivision.train.callbacks import GracefulInterruptCallback, MetricsFileCallback, ProgressBarCallback
+from phivision.train.trainer import PhivisionTrainer
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
