@@ -322,6 +322,8 @@ def test_two_process_training_on_cpu(tmp_path, tiny_model_dir, digits_data, deep
         values["deepspeed"] = deepspeed
     completed = torchrun(tmp_path, write_yaml(tmp_path / "c.yaml", values))
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert completed.stdout.count("done: 4 steps") == 1  # one summary for the job, from rank 0
+    assert "built successfully" not in completed.stdout  # DeepSpeed's op-build notes stay quiet
     curve = losses(tmp_path / "run")
     assert len(curve) == 4 and curve[-1] < curve[0]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
@@ -394,11 +396,13 @@ def test_resume_from_a_renamed_checkpoint_after_a_torn_metrics_line(tmp_path, ti
 def test_deepspeed_config_also_runs_without_torchrun(tmp_path, tiny_model_dir, digits_data):
     values = base_config(tiny_model_dir, digits_data, tmp_path / "run", max_steps=2, save_steps=2,
                          deepspeed="zero2")
+    env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     completed = subprocess.run(phivision_command("train", str(write_yaml(tmp_path / "c.yaml", values))),
-                               capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+                               capture_output=True, text=True, env={**env, "DS_ACCELERATOR": "cpu"})
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert "OMP_NUM_THREADS" not in completed.stderr  # accelerate's thread note stays quiet
     assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
         "tokenizer.json", "tokenizer_config.json"]
 
 

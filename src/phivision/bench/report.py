@@ -48,8 +48,8 @@ def git_commit() -> str | None:
 def flops_text(value: float) -> str:
     for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
         if value >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value:.3g} "
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.2f} "
 
 
 def bytes_text(value: int) -> str:
@@ -93,10 +93,10 @@ def methods_table(methods: dict[str, dict], errors: dict[str, str]) -> str:
     rows = [f"{'method':<14} {'ckpt':>4} {'img/s':>8} {'tokens/s':>9} {'step s (min-max)':>20} {'peak tensors':>12} "
             f"{'peak RSS':>9} {'FLOP/step':>10} {'matmul peak':>12} {'MFU':>6}  loss first -> last"]
     for name, result in methods.items():
-        spread = f"{result['step_time_s']:.3g} ({result['step_time_min_s']:.3g}-{result['step_time_max_s']:.3g})"
+        spread = f"{result['step_time_s']:.3f} ({result['step_time_min_s']:.3f}-{result['step_time_max_s']:.3f})"
         rows.append(
-            f"{name:<14} {'on' if result['gradient_checkpointing'] else 'off':>4} {result['images_per_s']:>8.3g} "
-            f"{result['tokens_per_s']:>9.4g} {spread:>20} {bytes_text(result['peak_memory_bytes']):>12} "
+            f"{name:<14} {'on' if result['gradient_checkpointing'] else 'off':>4} {result['images_per_s']:>8.2f} "
+            f"{result['tokens_per_s']:>9.0f} {spread:>20} {bytes_text(result['peak_memory_bytes']):>12} "
             f"{bytes_text(result['peak_rss_bytes']):>9} {flops_text(result['flops_per_step']):>10} "
             f"{flops_text(result['peak_matmul_flops_per_s']) + '/s':>12} "
             f"{100 * result['mfu']:>5.1f}%  {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}"
@@ -112,8 +112,8 @@ def compare_table(method: str, paths: dict[str, dict], labels: dict[str, str]) -
             f"{'mean loss':>10} {'peak tensors':>12}"]
     for name, result in paths.items():
         rows.append(
-            f"{labels[name]:<82} {result['images_per_s']:>8.3g} {result['tokens_per_s']:>9.4g} "
-            f"{result['step_time_s']:>8.3g} {100 * result['mfu']:>5.1f}% {result['losses'][0]:>11.5f} "
+            f"{labels[name]:<82} {result['images_per_s']:>8.2f} {result['tokens_per_s']:>9.0f} "
+            f"{result['step_time_s']:>8.3f} {100 * result['mfu']:>5.1f}% {result['losses'][0]:>11.5f} "
             f"{summary['mean_loss'][name]:>10.5f} {bytes_text(result['peak_memory_bytes']):>12}"
         )
     rows.append(f"a/b = {summary['a_over_b_images_per_s']:.2f}x img/s    "
@@ -128,7 +128,7 @@ def memory_lines(ratios: dict[str, dict]) -> str:
 
 def one_line(method: str, result: dict) -> str:
     """Progress: one method's headline figures as soon as it is measured."""
-    return (f"{method}: {result['images_per_s']:.3g} img/s, {result['tokens_per_s']:.4g} tokens/s, "
+    return (f"{method}: {result['images_per_s']:.2f} img/s, {result['tokens_per_s']:.0f} tokens/s, "
             f"MFU {100 * result['mfu']:.1f}%, peak tensors {bytes_text(result['peak_memory_bytes'])}, "
             f"peak RSS {bytes_text(result['peak_rss_bytes'])}")
 

@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phivision.cli.options import non_negative_int, positive_int
-from phivision.train.config import ATTENTIONS
+from phivision.train.config import ATTENTIONS, METHODS
 
 if TYPE_CHECKING:
     import torch
-
-METHODS = ("full", "freeze_vision", "lora", "qlora")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -56,14 +56,15 @@ def prepare_data(task: str, data_dir: Path, seed: int) -> tuple[Path, Path]:
     return data_dir / "train.jsonl", data_dir / TASK_SETTINGS[task]["eval"]
 
 
-def evaluate(model_dir: Path, data: Path, out: Path | None = None) -> float:
+def evaluate(model_dir: Path, data: Path, description: str, out: Path | None = None) -> float:
     from phivision.evaluate.evaluation import evaluate_dataset
     from phivision.evaluate.generate import load_for_inference
     from phivision.processing.processor import Phi3VProcessor
 
     processor = Phi3VProcessor.from_pretrained(model_dir, num_crops=TRAIN_DEFAULTS["num_crops"])
     model = load_for_inference(model_dir, precision="fp32")
-    metrics = evaluate_dataset(model, processor, data, batch_size=64, max_new_tokens=6, out_dir=out, progress=False)
+    metrics = evaluate_dataset(model, processor, data, batch_size=64, max_new_tokens=6, out_dir=out,
+                               description=description)
     return metrics["accuracy"]
 
 
@@ -81,15 +82,16 @@ def run_task(task: str, out: Path, model_dir: Path, steps: int | None, seed: int
     values = {"model": str(model_dir), "train_data": str(train_data), "output_dir": str(run_dir),
               **TRAIN_DEFAULTS, "max_steps": steps or TASK_SETTINGS[task]["max_steps"], "seed": seed}
     config_path.write_text(yaml.safe_dump(values, sort_keys=False))
-    before = evaluate(model_dir, eval_data)
+    before = evaluate(model_dir, eval_data, f"{task}: eval before training")
     result = run_training(load_config(config_path))
-    after = evaluate(result.model_dir, eval_data, run_dir / "eval")
+    after = evaluate(result.model_dir, eval_data, f"{task}: eval after training", run_dir / "eval")
     return {"task": task, "chance": TASK_SETTINGS[task]["chance"], "before": before, "after": after,
             "steps": result.global_step, "seconds": round(time.perf_counter() - started, 1),
             "config": str(config_path), "run": str(run_dir)}
 
 
-def write_report(out: Path, results: list[dict]) -> Path:
+def accuracy_figure(results: list[dict]):
+    """Before and after bars per task, with chance marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -97,19 +99,28 @@ def write_report(out: Path, results: list[dict]) -> Path:
     FigureCanvasAgg(figure)
     axis = figure.add_subplot()
     positions = range(len(results))
-    axis.bar([p - 0.2 for p in positions], [r["before"] for r in results], 0.4, label="before training")
-    axis.bar([p + 0.2 for p in positions], [r["after"] for r in results], 0.4, label="after training")
+    for offset, key, label in ((-0.2, "before", "before training"), (0.2, "after", "after training")):
+        # An edge and a value label keep a 0% bar visible: the random model often scores exactly 0.
+        bars = axis.bar([p + offset for p in positions], [r[key] for r in results], 0.4, label=label,
+                        edgecolor="black", linewidth=0.8)
+        axis.bar_label(bars, [f"{r[key]:.0%}" for r in results], fontsize=8, padding=2)
     axis.scatter(list(positions), [r["chance"] for r in results], marker="_", s=600, color="black", label="chance")
     axis.set_xticks(list(positions), [r["task"] for r in results])
-    axis.set_ylim(0, 1)
+    axis.set_ylim(0, 1.22)
     axis.set_ylabel("held-out accuracy")
-    axis.legend(loc="upper left", fontsize=8)
+    axis.legend(loc="upper center", ncol=3, fontsize=8)
     figure.tight_layout()
-    figure.savefig(out / "accuracy.png", dpi=110)
+    return figure
+
+
+def write_report(out: Path, results: list[dict]) -> Path:
+    accuracy_figure(results).savefig(out / "accuracy.png", dpi=110)
     lines = ["# phivision demo", "", results_table(results), "", "![accuracy](accuracy.png)", ""]
     for result in results:
-        lines.append(f"- `{result['task']}`: config `{result['config']}`, run `{result['run']}` "
-                     f"(report.md, loss.png, eval/predictions.jsonl, eval/confusion_matrix.png)")
+        config, run = (Path(result[key]).relative_to(out).as_posix() for key in ("config", "run"))
+        lines.append(f"- `{result['task']}`: config [{config}]({config}), run [{run}]({run}): "
+                     f"[report]({run}/report.md), [loss curve]({run}/loss.png), "
+                     f"[predictions]({run}/eval/predictions.jsonl), [confusion matrix]({run}/eval/confusion_matrix.png)")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

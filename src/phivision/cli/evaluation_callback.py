@@ -27,8 +27,8 @@ class TaskMetricCallback(TrainerCallback):
         model.eval()
         metrics = evaluate_dataset(
             model, processor, self.config.eval_data, self.config.eval_image_root, self.config.metric,
-            self.config.eval_batch_size, self.config.max_new_tokens, progress=False,
-            lines=self.trainer.eval_dataset.indices,
+            self.config.eval_batch_size, self.config.max_new_tokens, progress=state.is_world_process_zero,
+            lines=self.trainer.eval_dataset.indices, description="eval generate",
         )
         model.train(was_training)
         if metrics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,9 +19,13 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     from phivision.cli.evaluation_callback import task_metric_callbacks
+    from phivision.quiet import DEEPSPEED_BUILD_LINE, stdout_without
     from phivision.train.run import run_training
 
-    result = run_training(config, resume=args.resume, callbacks=task_metric_callbacks(config))
+    with stdout_without(DEEPSPEED_BUILD_LINE):
+        result = run_training(config, resume=args.resume, callbacks=task_metric_callbacks(config))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary for the job
+        return 130 if result.interrupted else 0
     if result.interrupted:
         overrides = "".join(f" --set {override}" for override in args.overrides)
         print(f"stopped at step {result.global_step}; resume with the same launcher and: "

@@ -74,6 +74,7 @@ def evaluate_dataset(
     out_dir: str | Path | None = None,
     progress: bool = True,
     lines: list[int] | None = None,
+    description: str = "generate",
 ) -> dict:
     """Metrics on rank 0 (other ranks return {}); files in `out_dir` when given.
 
@@ -83,7 +84,7 @@ def evaluate_dataset(
     positions = list(range(len(dataset)))[: limit or None]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     predictions = _gather(generate_dataset(model, dataset, shard(positions, rank, world), batch_size, max_new_tokens,
-                                           progress and rank == 0))
+                                           progress and rank == 0, description))
     if rank != 0:
         return {}
     samples = [dataset.sample(position) for position in positions]

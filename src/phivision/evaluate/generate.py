@@ -66,12 +66,12 @@ def generate(model, processor: Phi3VProcessor, prompts: list[Encoded], max_new_t
 
 
 def generate_dataset(model, dataset: ConversationDataset, indices: list[int], batch_size: int,
-                     max_new_tokens: int, progress: bool = True) -> dict[int, str]:
-    """Predictions for the given dataset positions, keyed by position."""
+                     max_new_tokens: int, progress: bool = True, description: str = "generate") -> dict[int, str]:
+    """Predictions for the given dataset positions, keyed by position; the bar goes when it is done."""
     from tqdm.auto import tqdm
 
     predictions: dict[int, str] = {}
-    bar = tqdm(total=len(indices), desc="generate", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(indices), desc=description, disable=not progress, dynamic_ncols=True, leave=False)
     for chunk in batches(indices, batch_size):
         answers = generate(model, dataset.processor, [dataset[i] for i in chunk], max_new_tokens)
         predictions.update(zip(chunk, answers))

@@ -18,6 +18,8 @@ import numpy as np
 from phivision.errors import PhivisionError
 
 OTHER_LABEL = "<other>"
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
 
 
 def normalize(text: str) -> str:
@@ -101,8 +103,27 @@ def per_class_accuracy(predictions: Sequence[str], references: Sequence[str]) ->
     return {label: float(matrix[i, i] / totals[i]) for i, label in enumerate(labels) if totals[i]}
 
 
+def number_value(label: str) -> float | None:
+    """The number a label names (`7`, `2.5`, `seven`), or None."""
+    text = normalize(label)
+    if text in NUMBER_WORDS:
+        return float(NUMBER_WORDS.index(text))
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def natural_order(labels: list[str]) -> list[str]:
+    """Numbers (digits or number words) in numeric order; any other labels as they first appear in the data."""
+    values = [number_value(label) for label in labels]
+    if None in values:
+        return list(labels)
+    return [label for _, label in sorted(zip(values, labels), key=lambda pair: pair[0])]
+
+
 def confusion_matrix(predictions: Sequence[str], references: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """(labels, counts[reference, prediction]) over the sorted reference labels.
+    """(labels, counts[reference, prediction]) over the reference labels in their natural order.
 
     Predictions matching no reference label fall in a last `<other>` column, added only when
     needed; its row is all zeros, which keeps the matrix square for plotting.
@@ -111,7 +132,7 @@ def confusion_matrix(predictions: Sequence[str], references: Sequence[str]) -> t
     spelling: dict[str, str] = {}
     for reference in references:
         spelling.setdefault(normalize(reference), reference)
-    labels = sorted(spelling.values())
+    labels = natural_order(list(spelling.values()))
     index = {normalize(label): i for i, label in enumerate(labels)}
     predicted = [index.get(normalize(prediction), len(labels)) for prediction in predictions]
     if len(labels) in predicted:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -27,6 +28,8 @@ DEFAULT_LEARNING_RATES = {"full": 4e-5, "freeze_vision": 4e-5, "projector_only":
 # Methods that recompute activations unless told otherwise: QLoRA is chosen to save memory, and
 # its quantised weights leave activations as the largest part of it.
 CHECKPOINTING_BY_DEFAULT = ("qlora",)
+# More loader processes than this rarely help one training process and cost memory each.
+MAX_DEFAULT_WORKERS = 4
 PATH_KEYS = ("model", "train_data", "eval_data", "train_image_root", "eval_image_root", "output_dir")
 
 
@@ -80,7 +83,7 @@ class TrainConfig:
     logging_steps: int = 10
     seed: int = 42
     deepspeed: str | None = None
-    dataloader_workers: int = 2
+    dataloader_workers: int | None = None
     report_to: list[str] = field(default_factory=list)
     per_method: dict | None = None
 
@@ -95,6 +98,15 @@ class TrainConfig:
         if self.gradient_checkpointing is None:
             return self.method in CHECKPOINTING_BY_DEFAULT
         return self.gradient_checkpointing
+
+    @property
+    def resolved_dataloader_workers(self) -> int:
+        """`null`: one core per process stays for the training step, the rest decode images (at most 4)."""
+        if self.dataloader_workers is not None:
+            return self.dataloader_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return min(MAX_DEFAULT_WORKERS, max(0, cores // processes_here - 1))
 
     @property
     def resolved_lora_alpha(self) -> float:
@@ -224,7 +236,7 @@ def validate(config: TrainConfig) -> None:
         if getattr(config, key) is not None and getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1 (or null), got {getattr(config, key)}")
     for key in ("warmup_steps", "dataloader_workers"):
-        if getattr(config, key) < 0:
+        if getattr(config, key) is not None and getattr(config, key) < 0:
             raise ConfigError(f"{key} must be 0 or more, got {getattr(config, key)}")
     if config.learning_rate != "auto" and float(config.learning_rate) <= 0:
         raise ConfigError(f"learning_rate must be above 0, got {config.learning_rate}")

@@ -34,7 +34,7 @@ from phivision.train.checkpoints import (
 )
 from phivision.train.config import TrainConfig
 from phivision.train.methods import compute_dtype, load_for_training, trainable_summary
-from phivision.train.report import write_report
+from phivision.train.report import write_model_card, write_report
 from phivision.train.callbacks import GracefulInterruptCallback, MetricsFileCallback, ProgressBarCallback
 from phivision.train.trainer import PhivisionTrainer
 
@@ -103,6 +103,21 @@ def on_main_process(work: Callable[[], T]) -> T:
     return result[0]
 
 
+def check_reporters(report_to: list[str]) -> None:
+    """A logger that is unknown or not installed is one line before training, not a traceback at its first step."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    available = get_available_reporting_integrations()
+    for name in report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise PhivisionError(f"report_to: unknown logger {name!r}; choose from {', '.join(INTEGRATION_TO_CALLBACK)}")
+        if name not in available:
+            raise PhivisionError(f"report_to: {name} is not installed here: pip install {name} (or drop it from report_to)")
+
+
 def training_arguments(config: TrainConfig, world_size: int) -> TrainingArguments:
     from transformers import TrainingArguments
 
@@ -135,8 +150,8 @@ def training_arguments(config: TrainConfig, world_size: int) -> TrainingArgument
         activation_checkpointing=config.resolved_gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         deepspeed=deepspeed_config_path(config.deepspeed),
-        dataloader_num_workers=config.dataloader_workers,
-        dataloader_persistent_workers=config.dataloader_workers > 0,
+        dataloader_num_workers=config.resolved_dataloader_workers,
+        dataloader_persistent_workers=config.resolved_dataloader_workers > 0,
         report_to=config.report_to or "none",
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
@@ -149,6 +164,7 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     output_dir = Path(config.output_dir)
+    check_reporters(config.report_to)
     if config.deepspeed:
         single_process_rendezvous()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -202,10 +218,14 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
     trainer.remove_callback(ProgressCallback)
     trainer.train(resume_from_checkpoint=checkpoint)
     if interrupt.requested:
+        if is_main_process():
+            clear_staging(output_dir)
         return TrainResult(trainer.model, output_dir, None, trainer.state.global_step, True, checked.skipped)
     model_dir = output_dir / "model"
     save_final(trainer, processor, config, model_dir)
     if is_main_process():
+        clear_staging(output_dir)
+        write_model_card(model_dir, config, trainer.state.global_step, len(train_set), checked.skipped)
         write_report(output_dir, config, trainer.state.global_step, len(train_set), checked.skipped)
     return TrainResult(trainer.model, output_dir, model_dir, trainer.state.global_step, False, checked.skipped)
 
