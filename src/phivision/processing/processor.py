@@ -96,14 +96,14 @@ class Phi3VProcessor:
         )
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """preprocessor_config.json in the official form, and the tokenizer files."""
+        """preprocessor_config.json in the official form, and the tokenizer files.
+
+        The `auto_map` naming the official remote code comes only from the base's own file: a
+        folder without that code must not point to it.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {
-            "auto_map": {
-                "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
-                "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
-            },
             "do_convert_rgb": True,
             "image_processor_type": "Phi3VImageProcessor",
             "processor_class": "Phi3VProcessor",
