@@ -1,4 +1,4 @@
-"""`phivision train CONFIG.yaml [--set key=value ...] [--resume auto|PATH]`."""
+"""`phivision train CONFIG.yaml|RECIPE [--set key=value ...] [--resume auto|PATH]`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML training config (see configs/)")
+    parser.add_argument("config", help="YAML training config, or the name of a shipped recipe "
+                                       "(`phivision recipes` lists them)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set method=qlora --set max_steps=100")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
@@ -14,9 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from phivision.recipes import resolve_config_path
     from phivision.train.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(resolve_config_path(args.config), args.overrides)
     from phivision.cli.evaluation_callback import task_metric_callbacks
     from phivision.train.run import run_training
 
