@@ -18,14 +18,13 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers import README, code_blocks, readme_text
 
 from phivision.cli.main import COMMANDS, build_parser
 from phivision.recipes import recipe_names, recipe_path
 from phivision.train.config import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-FENCE = re.compile(r"^```")
 SHELL_OPERATORS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>", "2>&1"}
 SHELL_LANGUAGES = ("bash", "sh", "shell", "console")
 TRAIN_FIELDS = {field.name for field in dataclasses.fields(TrainConfig)}
@@ -37,23 +36,6 @@ class Invocation:
     text: str
     subcommand: str
     args: list[str]
-
-
-def code_blocks(text: str) -> list[tuple[int, str, list[tuple[int, str]]]]:
-    """(first line number, language, [(line number, line)]) of every fenced block."""
-    blocks, current, language, start = [], None, "", 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if FENCE.match(line.strip()):
-            if current is None:
-                current, language, start = [], line.strip()[3:].strip(), number
-            else:
-                blocks.append((start, language, current))
-                current = None
-            continue
-        if current is not None:
-            current.append((number, line))
-    assert current is None, f"README.md: the code block opened at line {start} is never closed"
-    return blocks
 
 
 def logical_lines(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -113,10 +95,6 @@ def invocations_in(segment: list[str]) -> tuple[str, list[str]] | None:
         return None
     assert rest, f"`{' '.join(segment)}` runs phivision without a subcommand"
     return rest[0], rest[1:]
-
-
-def readme_text() -> str:
-    return README.read_text(encoding="utf-8")
 
 
 def shell_commands() -> list[tuple[int, str, list[str]]]:

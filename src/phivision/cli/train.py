@@ -1,8 +1,16 @@
-"""`phivision train CONFIG.yaml|RECIPE [--set key=value ...] [--resume auto|PATH]`."""
+"""`phivision train CONFIG.yaml|RECIPE [--set key=value ...] [--resume auto|PATH]`, and `train_model` for Python."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from phivision.train.config import TrainConfig
+    from phivision.train.run import TrainResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,15 +22,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the latest complete checkpoint in output_dir (auto) or from PATH")
 
 
-def run(args: argparse.Namespace) -> int:
-    from phivision.recipes import resolve_config_path
-    from phivision.train.config import load_config
+def train_model(
+    config: TrainConfig | Mapping | str | Path,
+    overrides: list[str] | None = None,
+    resume: str | None = None,
+) -> TrainResult:
+    """Fine-tune exactly as `phivision train` does (checks, output folder, task metric every `eval_steps`).
 
-    config = load_config(resolve_config_path(args.config), args.overrides)
+    `config` is a TrainConfig, a dict of config keys, a YAML file or a recipe name; `overrides`
+    are `key=value` strings as for `--set` (not for a TrainConfig: set its fields instead).
+    """
+    from phivision.errors import PhivisionError
+    from phivision.recipes import resolve_config_path
+    from phivision.train.config import TrainConfig, load_config, validate
+
+    if isinstance(config, TrainConfig):
+        if overrides:
+            raise PhivisionError("overrides apply to a dict, a YAML file or a recipe: set the TrainConfig's fields")
+        validate(config)
+    elif isinstance(config, Mapping):
+        values = {key: os.fspath(value) if isinstance(value, os.PathLike) else value for key, value in config.items()}
+        config = load_config(None, overrides, base=values)
+    else:
+        config = load_config(resolve_config_path(config), overrides)
+    # Imported once the config is known to be good: a config error stops before transformers loads.
     from phivision.cli.evaluation_callback import task_metric_callbacks
     from phivision.train.run import run_training
 
-    result = run_training(config, resume=args.resume, callbacks=task_metric_callbacks(config))
+    return run_training(config, resume=resume, callbacks=task_metric_callbacks(config))
+
+
+def run(args: argparse.Namespace) -> int:
+    result = train_model(args.config, args.overrides, args.resume)
     if result.interrupted:
         overrides = "".join(f" --set {override}" for override in args.overrides)
         print(f"stopped at step {result.global_step}; resume with the same launcher and: "

@@ -39,6 +39,8 @@ class ChatTurn:
 
 @dataclass
 class Encoded:
+    """One encoded example: token ids (images as negative placeholder ids), labels and its images' pixels."""
+
     input_ids: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor
@@ -53,6 +55,8 @@ class Encoded:
 
 
 class Phi3VProcessor:
+    """Prompts and images to the official processor's `input_ids`, `pixel_values` and `image_sizes`, plus labels."""
+
     def __init__(
         self,
         tokenizer: Phi3Tokenizer,

@@ -58,6 +58,8 @@ def bundled_tokenizer_path() -> Path:
 
 
 class Phi3Tokenizer:
+    """A checkpoint's `tokenizer.json` with the Phi-3 special-token ids; adds no BOS of its own."""
+
     def __init__(self, tokenizer: Tokenizer, source: Path | None = None):
         self.tokenizer = tokenizer
         self.source = source

@@ -29,6 +29,7 @@ def _folder() -> Path:
 
 
 def recipe_names() -> list[str]:
+    """Names of the shipped recipes, as `phivision train NAME` takes them."""
     return sorted(path.stem for path in _folder().glob("*.yaml"))
 
 

@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 @dataclass
 class TrainResult:
+    """What a run left: the trained model, its folders, the last step, and whether Ctrl-C stopped it."""
+
     model: object
     output_dir: Path
     model_dir: Path | None
@@ -149,6 +151,7 @@ def training_arguments(config: TrainConfig, world_size: int) -> TrainingArgument
 
 
 def run_training(config: TrainConfig, resume: str | None = None, callbacks: list | None = None) -> TrainResult:
+    """Train from a checked config: data checks, model, Trainer, checkpoints and `output_dir/model`."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     output_dir = Path(config.output_dir)
