@@ -446,7 +446,7 @@ def test_deepspeed_config_also_runs_without_torchrun(tmp_path, tiny_model_dir, d
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
-        "tokenizer.json", "tokenizer_config.json"]
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 @pytest.mark.parametrize("method", ["full", "qlora"])
