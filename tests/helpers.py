@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -160,3 +161,30 @@ def write_mixed_data(digits: Path, folder: Path) -> Path:
     path = folder / "mixed.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
+
+
+# ---- the README ----------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+FENCE = re.compile(r"^```")
+
+
+def readme_text() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+def code_blocks(text: str) -> list[tuple[int, str, list[tuple[int, str]]]]:
+    """(first line number, language, [(line number, line)]) of every fenced block."""
+    blocks, current, language, start = [], None, "", 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if FENCE.match(line.strip()):
+            if current is None:
+                current, language, start = [], line.strip()[3:].strip(), number
+            else:
+                blocks.append((start, language, current))
+                current = None
+            continue
+        if current is not None:
+            current.append((number, line))
+    assert current is None, f"README.md: the code block opened at line {start} is never closed"
+    return blocks

@@ -3,7 +3,7 @@
 Commands are taken from the README's fenced code blocks: `phivision SUB ...` (also as a path such
 as `.venv/bin/phivision` or `$(which phivision)`), `python -m phivision.cli.main SUB ...` and the
 same behind `torchrun ... -m phivision.cli.main SUB ...`. Each is parsed by that subcommand's own
-argparse parser, `--set key=value` keys are checked against `TrainConfig`, and every shipped config
+argparse parser, `--set key=value` keys are checked against `TrainConfig`, and every shipped recipe
 a train command names is loaded with its overrides (`load_config` only validates).
 """
 
@@ -18,16 +18,15 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers import README, code_blocks, readme_text
 
 from phivision.cli.main import COMMANDS, build_parser
+from phivision.recipes import recipe_names, recipe_path
 from phivision.train.config import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-FENCE = re.compile(r"^```")
 SHELL_OPERATORS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>", "2>&1"}
 SHELL_LANGUAGES = ("bash", "sh", "shell", "console")
-CONFIG_MENTION = re.compile(r"configs/[\w.-]+\.yaml")
 TRAIN_FIELDS = {field.name for field in dataclasses.fields(TrainConfig)}
 
 
@@ -37,23 +36,6 @@ class Invocation:
     text: str
     subcommand: str
     args: list[str]
-
-
-def code_blocks(text: str) -> list[tuple[int, str, list[tuple[int, str]]]]:
-    """(first line number, language, [(line number, line)]) of every fenced block."""
-    blocks, current, language, start = [], None, "", 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if FENCE.match(line.strip()):
-            if current is None:
-                current, language, start = [], line.strip()[3:].strip(), number
-            else:
-                blocks.append((start, language, current))
-                current = None
-            continue
-        if current is not None:
-            current.append((number, line))
-    assert current is None, f"README.md: the code block opened at line {start} is never closed"
-    return blocks
 
 
 def logical_lines(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -113,10 +95,6 @@ def invocations_in(segment: list[str]) -> tuple[str, list[str]] | None:
         return None
     assert rest, f"`{' '.join(segment)}` runs phivision without a subcommand"
     return rest[0], rest[1:]
-
-
-def readme_text() -> str:
-    return README.read_text(encoding="utf-8")
 
 
 def shell_commands() -> list[tuple[int, str, list[str]]]:
@@ -222,22 +200,28 @@ def test_every_set_key_is_a_config_key(invocations):
     assert not problems, "\n".join(problems)
 
 
-def test_mentioned_configs_exist_and_load():
-    mentioned = sorted(set(CONFIG_MENTION.findall(readme_text())))
-    assert mentioned, "README.md mentions no configs/*.yaml"
-    for name in mentioned:
-        path = ROOT / name
-        assert path.is_file(), f"README.md mentions {name}, which does not exist"
-        load_config(path)
+def test_no_configs_folder_is_mentioned():
+    """Recipes ship inside the package: an installed phivision has no configs/ folder."""
+    assert not re.findall(r"configs/[\w.-]+\.yaml", readme_text())
+
+
+def test_every_recipe_in_the_table_ships_and_loads():
+    table = re.findall(r"^\| `(\w+)` \| ", readme_text(), re.M)
+    recipes = sorted({name for name in table if name in recipe_names()})
+    assert recipes == recipe_names(), f"README.md's tables list {table}"
+    for name in recipes:
+        load_config(recipe_path(name))
 
 
 def test_train_commands_load_with_their_overrides(invocations, subcommands):
     trained = [i for i in invocations if i.subcommand == "train" and "train" in subcommands]
     assert trained, "README.md shows no train command"
-    for invocation in trained:
+    recipes = [invocation for invocation in trained
+               if subcommands["train"].parse_args(invocation.args).config in recipe_names()]
+    assert len(recipes) >= 10, "README.md trains few shipped recipes by name"
+    for invocation in recipes:
         args = subcommands["train"].parse_args(invocation.args)
-        if CONFIG_MENTION.fullmatch(args.config):
-            load_config(ROOT / args.config, args.overrides)
+        load_config(recipe_path(args.config), args.overrides)
 
 
 def test_every_subcommand_is_documented(invocations, subcommands):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from helpers import run_on_two_processes
 
 from phivision.cli.main import main
 from phivision.errors import PhivisionError
+from phivision.recipes import recipe_path
 from phivision.train.config import ConfigError, load_config
 from phivision.train.run import run_training
 
@@ -331,14 +333,59 @@ def test_two_process_training_on_cpu(tmp_path, tiny_model_dir, digits_data, deep
 
 @pytest.mark.parametrize("recipe", ["docvqa", "hateful_memes", "nlvr2", "ucf101"])
 def test_shipped_recipes_load_with_the_published_per_method_values(recipe):
-    configs = Path(__file__).parent.parent / "configs"
-    full = load_config(configs / f"{recipe}.yaml")
-    lora = load_config(configs / f"{recipe}.yaml", ["method=lora"])
+    full = load_config(recipe_path(recipe))
+    lora = load_config(recipe_path(recipe), ["method=lora"])
     assert full.deepspeed == "zero2" and lora.deepspeed is None
     assert lora.resolved_learning_rate == 2e-4
     published = {"docvqa": (5e-6, 32, 16), "hateful_memes": (5e-5, 128, 256), "nlvr2": (1e-5, 64, 128),
                  "ucf101": (1e-5, 64, 128)}[recipe]
     assert (full.resolved_learning_rate, lora.lora_rank, lora.resolved_lora_alpha) == published
+
+
+def test_a_recipe_name_trains_the_shipped_config_from_any_folder(tmp_path, tiny_model_dir, digits_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the recipe comes from the installed package
+    overrides = {"model": tiny_model_dir, "train_data": digits_data / "small_train.jsonl", "output_dir": "run",
+                 "eval_data": "null", "eval_steps": "null", "deepspeed": "null", "precision": "fp32",
+                 "gradient_checkpointing": "false", "max_steps": 1, "global_batch_size": 8,
+                 "per_device_batch_size": 8, "num_crops": 1, "dataloader_workers": 0}
+    argv = ["train", "docvqa", *[word for key, value in overrides.items() for word in ("--set", f"{key}={value}")]]
+    assert main(argv) == 0
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["learning_rate"], saved["metric"], saved["save_steps"], saved["warmup_steps"]) == (5e-6, "anls", 200, 50)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_recipes_lists_the_shipped_recipes_and_prints_one(capsys):
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    for name, data in (("docvqa", "data/docvqa/docvqa_train.jsonl"), ("nlvr2", "data/nlvr2/nlvr2_train.jsonl"),
+                       ("hateful_memes", "data/hateful_memes/hateful_memes_train.jsonl"),
+                       ("ucf101", "data/ucf101/ucf101_train.jsonl")):
+        line = next(line for line in listing if line.startswith(name + " "))
+        assert data in line and len(line.split(data, 1)[1].strip()) > 20, line
+    assert main(["recipes", "nlvr2"]) == 0
+    assert capsys.readouterr().out == recipe_path("nlvr2").read_text()
+    assert main(["recipes", "nlvr3"]) == 2
+    assert "no recipe named 'nlvr3': choose one of docvqa, hateful_memes, nlvr2, ucf101" in capsys.readouterr().err
+    assert main(["train", "configs/docvqa.yaml"]) == 2
+    assert "neither a file nor a recipe name" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_wheel_ships_the_recipes(tmp_path):
+    """A user who installed the wheel has no configs/ folder: the recipes are inside the package."""
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root, tmp_path / "src", ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "build"))
+    completed = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                                str(tmp_path / "dist"), str(tmp_path / "src")], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("phivision-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"phivision/recipes/{name}.yaml" for name in ("docvqa", "hateful_memes", "nlvr2", "ucf101")} <= names
 
 
 def test_command_line_beats_per_method_values(tmp_path, tiny_model_dir):
@@ -403,7 +450,7 @@ def test_deepspeed_config_also_runs_without_torchrun(tmp_path, tiny_model_dir, d
     assert "OMP_NUM_THREADS" not in completed.stderr  # accelerate's thread note stays quiet
     assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == [
         "README.md", "config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
-        "tokenizer.json", "tokenizer_config.json"]
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 @pytest.mark.parametrize("method", ["full", "qlora"])

@@ -53,6 +53,8 @@ def is_video(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Turn:
+    """One exchange of a jsonl sample: image (or video) paths as written, the question and the answer."""
+
     images: tuple[str, ...]
     user: str
     assistant: str
@@ -66,6 +68,8 @@ class Turn:
 
 @dataclass(frozen=True)
 class Sample:
+    """One parsed jsonl line, with the file and line it came from (for messages)."""
+
     id: str
     source: str
     turns: tuple[Turn, ...]

@@ -38,6 +38,8 @@ CHUNK_LINES = 256
 
 @dataclass(frozen=True)
 class ValidationReport:
+    """What `validate_file` found: the problems (first `max_problems`) and the dataset's summary counts."""
+
     file: Path
     problems: tuple[str, ...]
     problem_count: int

@@ -107,7 +107,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, precision: str = "bf16"
     sample = check_sample(run, processor)
     expected = logits_on(adapted, processor, sample)
     merged = adapted.merge_and_unload()
-    save_model_folder(merged, processor, out_dir, precision)
+    save_model_folder(merged, processor, out_dir, precision, base=run["model"])
     reloaded = load_model(out_dir, precision="fp32")
     difference = float((logits_on(reloaded, processor, sample) - expected).abs().max())
     limit = TOLERANCE[precision] * float(expected.abs().max())

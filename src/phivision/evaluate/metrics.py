@@ -74,15 +74,18 @@ def anls(prediction: str, references: Sequence[str], threshold: float = 0.5) -> 
 
 
 def mean_anls(predictions: Sequence[str], references: Sequence[Sequence[str]], threshold: float = 0.5) -> float:
+    """The dataset's ANLS: the mean of `anls` over samples (0 for none)."""
     _check_lengths(predictions, references)
     return float(np.mean([anls(p, r, threshold) for p, r in zip(predictions, references)])) if predictions else 0.0
 
 
 def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when both sides are equal after `strip().strip('.').lower()`, as the official recipe scores."""
     return float(normalize(prediction) == normalize(reference))
 
 
 def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """The mean of `exact_match` over samples (0 for none)."""
     _check_lengths(predictions, references)
     return float(np.mean([exact_match(p, r) for p, r in zip(predictions, references)])) if predictions else 0.0
 

@@ -40,6 +40,8 @@ DEFAULT_EMBD_LAYER = {
 
 @strict
 class Phi3VConfig(Phi3Config):
+    """The official `config.json`: a Phi-3 text config plus the image embedding's `embd_layer` / `img_processor`."""
+
     model_type = "phi3_v"
 
     embd_layer: dict | None = None

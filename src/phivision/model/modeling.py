@@ -66,6 +66,8 @@ AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
 class Phi3VModel(Phi3Model):
+    """The Phi-3 decoder with the image embedding (`vision_embed_tokens`) beside its token embedding."""
+
     config_class = Phi3VConfig
 
     def __init__(self, config: Phi3VConfig):
@@ -98,6 +100,8 @@ class Phi3VModel(Phi3Model):
 
 
 class Phi3VForCausalLM(Phi3ForCausalLM):
+    """Phi-3-V with its language-model head, under the official checkpoint's parameter names."""
+
     config_class = Phi3VConfig
     base_model_prefix = "model"
     _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]

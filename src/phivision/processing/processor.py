@@ -39,6 +39,8 @@ class ChatTurn:
 
 @dataclass
 class Encoded:
+    """One encoded example: token ids (images as negative placeholder ids), labels and its images' pixels."""
+
     input_ids: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor
@@ -53,6 +55,8 @@ class Encoded:
 
 
 class Phi3VProcessor:
+    """Prompts and images to the official processor's `input_ids`, `pixel_values` and `image_sizes`, plus labels."""
+
     def __init__(
         self,
         tokenizer: Phi3Tokenizer,
@@ -96,14 +100,14 @@ class Phi3VProcessor:
         )
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """preprocessor_config.json in the official form, and the tokenizer files."""
+        """preprocessor_config.json in the official form, and the tokenizer files.
+
+        The `auto_map` naming the official remote code comes only from the base's own file: a
+        folder without that code must not point to it.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {
-            "auto_map": {
-                "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
-                "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
-            },
             "do_convert_rgb": True,
             "image_processor_type": "Phi3VImageProcessor",
             "processor_class": "Phi3VProcessor",

@@ -30,11 +30,25 @@ DEFAULT_TOKENIZER_CONFIG = {
     "padding_side": "right",
     "legacy": False,
     "tokenizer_class": "LlamaTokenizer",
+    "clean_up_tokenization_spaces": False,
     "chat_template": (
         "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n' }}"
         "{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
         "{{- '<|assistant|>\n' -}}{% endif %}"
     ),
+}
+
+
+def _special_token(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+# special_tokens_map.json as the official checkpoint publishes it.
+DEFAULT_SPECIAL_TOKENS_MAP = {
+    "bos_token": _special_token("<s>"),
+    "eos_token": _special_token("<|endoftext|>"),
+    "pad_token": _special_token("<|endoftext|>"),
+    "unk_token": _special_token("<unk>"),
 }
 
 
@@ -44,6 +58,8 @@ def bundled_tokenizer_path() -> Path:
 
 
 class Phi3Tokenizer:
+    """A checkpoint's `tokenizer.json` with the Phi-3 special-token ids; adds no BOS of its own."""
+
     def __init__(self, tokenizer: Tokenizer, source: Path | None = None):
         self.tokenizer = tokenizer
         self.source = source
@@ -92,7 +108,7 @@ class Phi3Tokenizer:
         return [self.end_id, self.endoftext_id]
 
     def save(self, folder: str | Path) -> None:
-        """Copy the tokenizer files unchanged; write the official config where the source had none."""
+        """Copy the tokenizer files unchanged; write the official configs where the source had none."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         source = self.source
@@ -104,3 +120,5 @@ class Phi3Tokenizer:
             self.tokenizer.save(str(folder / "tokenizer.json"))
         if not (folder / "tokenizer_config.json").is_file():
             (folder / "tokenizer_config.json").write_text(json.dumps(DEFAULT_TOKENIZER_CONFIG, indent=2) + "\n")
+        if not (folder / "special_tokens_map.json").is_file():
+            (folder / "special_tokens_map.json").write_text(json.dumps(DEFAULT_SPECIAL_TOKENS_MAP, indent=2) + "\n")

@@ -39,6 +39,8 @@ class ConfigError(PhivisionError):
 
 @dataclass
 class TrainConfig:
+    """Every training setting (README "Configuration keys"); build it with `load_config` to have it checked."""
+
     model: str
     train_data: str
     output_dir: str

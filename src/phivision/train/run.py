@@ -23,7 +23,7 @@ import torch
 from phivision.data.collate import Collator
 from phivision.data.dataset import ConversationDataset, check_dataset
 from phivision.errors import PhivisionError
-from phivision.processing.folder import save_model_folder
+from phivision.processing.folder import complete_model_folder, save_model_folder
 from phivision.processing.processor import Phi3VProcessor
 from phivision.train.checkpoints import (
     check_fresh_output,
@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 @dataclass
 class TrainResult:
+    """What a run left: the trained model, its folders, the last step, and whether Ctrl-C stopped it."""
+
     model: object
     output_dir: Path
     model_dir: Path | None
@@ -154,6 +156,9 @@ def training_arguments(config: TrainConfig, world_size: int) -> TrainingArgument
         dataloader_persistent_workers=config.resolved_dataloader_workers > 0,
         report_to=config.report_to or "none",
         remove_unused_columns=False,
+        # The Trainer writes this into the model's config, so into the saved config.json: False (its
+        # default) would differ from the base's. Training passes never build a cache (see the model's forward).
+        use_cache=True,
         ddp_find_unused_parameters=False,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
@@ -161,6 +166,7 @@ def training_arguments(config: TrainConfig, world_size: int) -> TrainingArgument
 
 
 def run_training(config: TrainConfig, resume: str | None = None, callbacks: list | None = None) -> TrainResult:
+    """Train from a checked config: data checks, model, Trainer, checkpoints and `output_dir/model`."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     output_dir = Path(config.output_dir)
@@ -231,7 +237,7 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
 
 
 def save_final(trainer, processor: Phi3VProcessor, config: TrainConfig, model_dir: Path) -> None:
-    """Official layout for full weights (bf16 when trained in bf16), or the adapter; processor files.
+    """Official layout for full weights (bf16 when trained in bf16), or the adapter; the base's other files.
 
     Only ZeRO-3 partitions the weights themselves: they are gathered by the Trainer's own save.
     """
@@ -241,8 +247,8 @@ def save_final(trainer, processor: Phi3VProcessor, config: TrainConfig, model_di
         trainer.save_model(str(model_dir))
         if is_main_process():
             (model_dir / "training_args.bin").unlink(missing_ok=True)
-            processor.save_pretrained(model_dir)
+            complete_model_folder(model_dir, processor, config.model)
     elif is_main_process():
         precision = "bf16" if compute_dtype(config) == torch.bfloat16 else None
-        save_model_folder(model, processor, model_dir, precision)
+        save_model_folder(model, processor, model_dir, precision, base=config.model)
     trainer.accelerator.wait_for_everyone()
