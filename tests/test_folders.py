@@ -149,10 +149,14 @@ def write_official_layout(tiny_model_dir: Path, base: Path) -> Path:
     return base
 
 
-def assert_like_base(folder: Path, base: Path, also_differs: dict[tuple[str, str], str] | None = None) -> None:
-    """Same files (except NOT_CARRIED / ADDED) and, in every JSON, the same keys and values (except DIFFERENCES)."""
+def assert_like_base(folder: Path, base: Path, also_differs: dict[tuple[str, str], str] | None = None,
+                     model_card: bool = False) -> None:
+    """Same files (except NOT_CARRIED / ADDED) and, in every JSON, the same keys and values (except DIFFERENCES).
+
+    A training run's `model/` has its own README.md: phivision's card for the fine-tuned model.
+    """
     differences = {**DIFFERENCES, **(also_differs or {})}
-    expected = sorted((set(files_under(base)) - set(NOT_CARRIED)) | set(ADDED))
+    expected = sorted((set(files_under(base)) - set(NOT_CARRIED)) | set(ADDED) | ({"README.md"} if model_card else set()))
     assert files_under(folder) == expected
     for name in expected:
         if not name.endswith(".json"):
@@ -202,7 +206,8 @@ def test_an_export_matches_the_published_folder_file_by_file_and_key_by_key(expo
 def test_a_full_runs_model_folder_matches_the_published_folder(official_base, digits, tmp_path):
     result = train_run(official_base, digits, tmp_path / "run", max_steps=1)
     fp32 = {("config.json", "torch_dtype"): "trained in fp32 on a CPU: saved as trained (bf16 when trained in bf16)"}
-    assert_like_base(result.model_dir, official_base, fp32)
+    assert_like_base(result.model_dir, official_base, fp32, model_card=True)
+    assert "a full fine-tune of `Phi-3.5-vision-instruct`" in (result.model_dir / "README.md").read_text()
 
 
 def test_a_lora_adapter_folder_carries_the_processor_tokenizer_and_remote_code(lora_on_base, official_base):
