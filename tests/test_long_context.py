@@ -1,0 +1,149 @@
+"""Sequences on both sides of `original_max_position_embeddings`: per-sample rope, generation across it.
+
+The long-context model folder lowers the threshold to 64 tokens (and `max_position_embeddings` to
+keep the official factor of 32), so samples cross it cheaply; its short and long rope factors differ.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from phivision.data.collate import Collator
+from phivision.model.modeling import IGNORE_INDEX
+from phivision.processing.processor import ChatTurn
+
+THRESHOLD = 64
+
+
+@pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory):
+    from phivision.processing.folder import write_random_model
+
+    folder = write_random_model(tmp_path_factory.mktemp("long-context"), preset="tiny", num_crops=1, seed=0)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(original_max_position_embeddings=THRESHOLD, max_position_embeddings=THRESHOLD * 32)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def long_model(long_model_dir):
+    from phivision.model.weights import load_model
+
+    return load_model(long_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(long_model_dir):
+    from phivision.processing.processor import Phi3VProcessor
+
+    return Phi3VProcessor.from_pretrained(long_model_dir)
+
+
+def picture(shade: int) -> Image.Image:
+    return Image.new("RGB", (70, 40), (shade, 255 - shade, (3 * shade) % 256))
+
+
+def sample(processor, name: str, words: int, shade: int, for_generation: bool = False):
+    question = " ".join(["describe"] * words) + "?"
+    answer = None if for_generation else "it is a " + " ".join(["flat"] * words) + " picture"
+    return processor.encode_conversation(name, [ChatTurn(question, answer, [picture(shade)])],
+                                         for_generation=for_generation)
+
+
+def logits_of(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+
+
+def test_the_factor_sets_differ(long_model):
+    rope = long_model.config.rope_parameters
+    assert rope["rope_type"] == "longrope" and rope["original_max_position_embeddings"] == THRESHOLD
+    assert rope["short_factor"] != rope["long_factor"] and len(set(rope["long_factor"])) > 1
+
+
+def test_a_short_sample_gets_the_same_logits_and_loss_whatever_it_is_batched_with(long_model, processor):
+    short, long = sample(processor, "short", 3, 40), sample(processor, "long", 40, 200)
+    assert len(short) < THRESHOLD < len(long)
+    collate = Collator(processor.tokenizer.pad_id, processor.crop_size)
+    pack = Collator(processor.tokenizer.pad_id, processor.crop_size, packing=True)
+    alone = logits_of(long_model, collate([short]))[0]
+    long_alone = logits_of(long_model, collate([long]))[0]
+    padded = logits_of(long_model, collate([short, long]))
+    packed = logits_of(long_model, pack([long, short]))[0]
+    torch.testing.assert_close(padded[0, : len(short)], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[len(long):], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[1], long_alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[: len(long)], long_alone, atol=1e-5, rtol=1e-5)
+
+    # The training loss of the short sample, alone or beside a long one whose labels are masked.
+    long.labels[:] = IGNORE_INDEX
+    long_model.train()
+    try:
+        with torch.no_grad():
+            losses = [long_model(**batch).loss for batch in
+                      (collate([short]), collate([short, long]), pack([long, short]))]
+    finally:
+        long_model.eval()
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(losses[2], losses[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("preset_threshold", [False, True])
+def test_one_sequence_gets_transformers_own_rope_below_and_above_the_threshold(
+        long_model_dir, tiny_model_dir, preset_threshold):
+    """The official config's rule (4096 in the tiny preset as in the real checkpoint) and the lowered one."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from phivision.model.weights import load_model
+
+    model = load_model(tiny_model_dir if preset_threshold else long_model_dir).eval()
+    threshold = model.config.rope_parameters["original_max_position_embeddings"]
+    assert threshold == (4096 if preset_threshold else THRESHOLD)
+    ours = model.model.rotary_emb
+    reference = Phi3RotaryEmbedding(model.config)
+    generator = torch.Generator().manual_seed(0)
+    for length in (threshold - 8, threshold, threshold + 1, threshold + 40):
+        input_ids = torch.randint(3, 32000, (1, length), generator=generator)
+        with torch.no_grad():
+            model.model.rotary_emb = ours
+            mine = model(input_ids=input_ids, logits_to_keep=8).logits
+            model.model.rotary_emb = reference
+            theirs = model(input_ids=input_ids, logits_to_keep=8).logits
+        model.model.rotary_emb = ours
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
+def greedy_without_cache(model, prompt, steps: int, stop_ids: list[int]) -> list[int]:
+    """The reference: every step runs the whole sequence again, alone, with no cache."""
+    ids = prompt.input_ids[None]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, pixel_values=prompt.pixel_values, image_sizes=prompt.image_sizes,
+                           use_cache=False, logits_to_keep=1).logits
+            token = int(logits[0, -1].argmax())
+            new.append(token)
+            if token in stop_ids:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return new
+
+
+@pytest.mark.parametrize("lengths", [(20,), (20, 10)])
+def test_generation_that_crosses_the_threshold_equals_a_loop_without_cache(long_model, processor, lengths):
+    from phivision.evaluate.generate import generate
+
+    prompts = [sample(processor, f"g{index}", words, 60 + 50 * index, for_generation=True)
+               for index, words in enumerate(lengths)]
+    steps = THRESHOLD + 10 - min(len(prompt) for prompt in prompts)
+    tokenizer = processor.tokenizer
+    expected = [greedy_without_cache(long_model, prompt, steps, tokenizer.stop_ids) for prompt in prompts]
+    for prompt, tokens in zip(prompts, expected):
+        assert len(prompt) <= THRESHOLD < len(prompt) + len(tokens) - 1, "the reference must cross the threshold"
+    answers = generate(long_model, processor, prompts, max_new_tokens=steps)
+    assert answers == [tokenizer.decode(tokens).strip() for tokens in expected]
