@@ -1,12 +1,14 @@
-"""Sequences on both sides of `original_max_position_embeddings`: per-sample rope, generation across it.
+"""Correct at real scale: long sequences beside short ones, generation across the rope threshold, eval loss.
 
-The long-context model folder lowers the threshold to 64 tokens (and `max_position_embeddings` to
-keep the official factor of 32), so samples cross it cheaply; its short and long rope factors differ.
+The long-context model folder lowers `original_max_position_embeddings` to 64 tokens (and
+`max_position_embeddings` to keep the official factor of 32), so samples cross it cheaply; its
+short and long rope factors differ.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -147,3 +149,84 @@ def test_generation_that_crosses_the_threshold_equals_a_loop_without_cache(long_
         assert len(prompt) <= THRESHOLD < len(prompt) + len(tokens) - 1, "the reference must cross the threshold"
     answers = generate(long_model, processor, prompts, max_new_tokens=steps)
     assert answers == [tokenizer.decode(tokens).strip() for tokens in expected]
+
+
+# ---- evaluation loss ---------------------------------------------------------------------------
+
+
+def eval_samples(processor) -> list:
+    """Five answers of very different lengths: batches of two have unequal token counts."""
+    answers = ["yes", "a long and winding answer about the picture " * 4, "no", "two words", "maybe " * 9]
+    return [processor.encode_conversation(f"e{index}", [ChatTurn("What is it?", answer, [picture(30 * index)])])
+            for index, answer in enumerate(answers)]
+
+
+def token_mean_by_hand(model, processor, samples) -> float:
+    """Sum of every supervised token's loss over the count of them, one sample at a time."""
+    collate = Collator(processor.tokenizer.pad_id, processor.crop_size)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for encoding in samples:
+            batch = collate([encoding])
+            logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits[0, :-1]
+            targets = batch["labels"][0, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            tokens += int((targets != IGNORE_INDEX).sum())
+    return total / tokens
+
+
+def evaluation_trainer(model, processor, samples, output_dir, packing: bool):
+    from transformers import TrainingArguments
+
+    from phivision.train.trainer import PhivisionTrainer
+
+    args = TrainingArguments(output_dir=str(output_dir), per_device_eval_batch_size=2, report_to="none",
+                             remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    return PhivisionTrainer(model=model, args=args, eval_dataset=samples,
+                            data_collator=Collator(processor.tokenizer.pad_id, processor.crop_size, packing=packing))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_eval_loss_is_the_token_mean_and_logits_are_computed_only_at_labels(long_model, processor, tmp_path, packing):
+    samples = eval_samples(processor)
+    expected = token_mean_by_hand(long_model, processor, samples)
+    projected = []
+    hook = long_model.lm_head.register_forward_hook(lambda module, args, output: projected.append(args[0].shape[:-1]))
+    try:
+        metrics = evaluation_trainer(long_model, processor, samples, tmp_path, packing).evaluate()
+    finally:
+        hook.remove()
+        long_model.eval()
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    supervised = [int((encoding.labels[1:] != IGNORE_INDEX).sum()) for encoding in samples]
+    assert [tuple(shape) for shape in projected] == [(supervised[0] + supervised[1],),
+                                                     (supervised[2] + supervised[3],), (supervised[4],)]
+
+
+def _evaluate_on_rank(rank: int, port: int, results) -> None:
+    from phivision.model.weights import load_model
+    from phivision.processing.processor import Phi3VProcessor
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    folder, output_dir = os.environ["EVAL_TEST_MODEL"], os.environ["EVAL_TEST_OUTPUT"]
+    processor = Phi3VProcessor.from_pretrained(folder)
+    trainer = evaluation_trainer(load_model(folder), processor, eval_samples(processor), output_dir, False)
+    try:
+        results[rank] = trainer.evaluate()["eval_loss"]
+    finally:
+        trainer.accelerator.end_training()
+
+
+@pytest.mark.slow
+def test_two_process_eval_loss_is_the_token_mean_of_the_whole_set(long_model_dir, long_model, processor, tmp_path,
+                                                                   monkeypatch):
+    """Five samples over two processes in batches of two: one sample is repeated to even the batches."""
+    from helpers import run_on_two_processes
+
+    monkeypatch.setenv("EVAL_TEST_MODEL", str(long_model_dir))
+    monkeypatch.setenv("EVAL_TEST_OUTPUT", str(tmp_path))
+    results = run_on_two_processes(_evaluate_on_rank)
+    expected = token_mean_by_hand(long_model, processor, eval_samples(processor))
+    assert results[0] == pytest.approx(expected, rel=1e-5)
+    assert results[1] == pytest.approx(expected, rel=1e-5)

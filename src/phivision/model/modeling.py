@@ -152,6 +152,18 @@ class Phi3VModel(Phi3Model):
         return embeddings.masked_scatter(placeholders.unsqueeze(-1), features.to(embeddings.dtype))
 
 
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a loss needs logits ([batch, length] bool: the next token has a label) and those labels.
+
+    Prompt and image tokens carry no label: projecting them onto the vocabulary would be most of
+    the head's work (and memory) for nothing. With the mask as `logits_to_keep`, logits come back
+    flattened, [n, vocab], in the order of the returned labels.
+    """
+    shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    keep = shift_labels != IGNORE_INDEX
+    return keep, shift_labels[keep]
+
+
 class Phi3VForCausalLM(Phi3ForCausalLM):
     config_class = Phi3VConfig
     base_model_prefix = "model"
@@ -193,11 +205,7 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             # A padded row's rope must not see the padding: its length is its real tokens.
             position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1]:]
         if self._keeps_supervised_logits_only(labels, logits_to_keep, kwargs):
-            # Prompt and image tokens carry no label: projecting them onto the vocabulary would be
-            # most of the head's work (and memory) for nothing. Logits come back flattened, [n, vocab].
-            shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-            logits_to_keep = shift_labels != IGNORE_INDEX
-            kwargs["shift_labels"] = shift_labels[logits_to_keep]
+            logits_to_keep, kwargs["shift_labels"] = supervised_positions(labels)
         return super().forward(
             attention_mask=attention_mask,
             position_ids=position_ids,
