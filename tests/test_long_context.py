@@ -120,24 +120,26 @@ def test_one_sequence_gets_transformers_own_rope_below_and_above_the_threshold(
         torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
 
 
-def greedy_without_cache(model, prompt, steps: int, stop_ids: list[int]) -> list[int]:
-    """The reference: every step runs the whole sequence again, alone, with no cache."""
+def greedy_without_cache(model, prompt, steps: int, stop_ids: list[int]) -> tuple[list[int], torch.Tensor]:
+    """The reference: every step runs the whole sequence again, alone, with no cache; tokens and logits."""
     ids = prompt.input_ids[None]
-    new: list[int] = []
+    tokens, logits = [], []
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(input_ids=ids, pixel_values=prompt.pixel_values, image_sizes=prompt.image_sizes,
-                           use_cache=False, logits_to_keep=1).logits
-            token = int(logits[0, -1].argmax())
-            new.append(token)
-            if token in stop_ids:
+            last = model(input_ids=ids, pixel_values=prompt.pixel_values, image_sizes=prompt.image_sizes,
+                         use_cache=False, logits_to_keep=1).logits[0, -1]
+            tokens.append(int(last.argmax()))
+            logits.append(last)
+            if tokens[-1] in stop_ids:
                 break
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return new
+            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
+    return tokens, torch.stack(logits)
 
 
 @pytest.mark.parametrize("lengths", [(20,), (20, 10)])
 def test_generation_that_crosses_the_threshold_equals_a_loop_without_cache(long_model, processor, lengths):
+    """Rows of a left-padded batch cross the threshold at different steps; each must match its own loop."""
+    from phivision.data.collate import left_padded_prompts
     from phivision.evaluate.generate import generate
 
     prompts = [sample(processor, f"g{index}", words, 60 + 50 * index, for_generation=True)
@@ -145,10 +147,20 @@ def test_generation_that_crosses_the_threshold_equals_a_loop_without_cache(long_
     steps = THRESHOLD + 10 - min(len(prompt) for prompt in prompts)
     tokenizer = processor.tokenizer
     expected = [greedy_without_cache(long_model, prompt, steps, tokenizer.stop_ids) for prompt in prompts]
-    for prompt, tokens in zip(prompts, expected):
+    for prompt, (tokens, _) in zip(prompts, expected):
         assert len(prompt) <= THRESHOLD < len(prompt) + len(tokens) - 1, "the reference must cross the threshold"
-    answers = generate(long_model, processor, prompts, max_new_tokens=steps)
-    assert answers == [tokenizer.decode(tokens).strip() for tokens in expected]
+    assert generate(long_model, processor, prompts, max_new_tokens=steps) == [
+        tokenizer.decode(tokens).strip() for tokens, _ in expected]
+
+    batch = left_padded_prompts(prompts, tokenizer.pad_id, processor.crop_size)
+    with torch.no_grad():
+        output = long_model.generate(**batch, max_new_tokens=steps, do_sample=False, eos_token_id=tokenizer.stop_ids,
+                                     pad_token_id=tokenizer.pad_id, output_logits=True, return_dict_in_generate=True)
+    width = batch["input_ids"].shape[1]
+    for row, (tokens, logits) in enumerate(expected):
+        assert output.sequences[row, width : width + len(tokens)].tolist() == tokens
+        steps_logits = torch.stack([step[row] for step in output.logits[: len(tokens)]])
+        torch.testing.assert_close(steps_logits, logits, atol=1e-4, rtol=1e-4)
 
 
 # ---- evaluation loss ---------------------------------------------------------------------------
