@@ -139,9 +139,9 @@ class PhivisionTrainer(Trainer):
             logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
             token_losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
         sample, num_samples = sample_of_each_token(inputs)
-        per_sample = torch.zeros(num_samples, 2, dtype=torch.float64, device=token_losses.device)
-        per_sample.index_add_(0, sample[keep], torch.stack([token_losses.double(), torch.ones_like(token_losses,
-                                                             dtype=torch.float64)], dim=1))
+        contributions = torch.stack([token_losses.double(), torch.ones_like(token_losses, dtype=torch.float64)], 1)
+        per_sample = torch.zeros(num_samples, 2, dtype=torch.float64, device=contributions.device)
+        per_sample.index_add_(0, sample[keep], contributions)
         self._eval_totals += self.accelerator.gather_for_metrics(per_sample).sum(0)
         loss = token_losses.sum() / max(token_losses.numel(), 1)
         return loss.detach(), None, None
