@@ -62,10 +62,19 @@ def logits_of(model, batch: dict) -> torch.Tensor:
         return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
 
 
-def test_the_factor_sets_differ(long_model):
-    rope = long_model.config.rope_parameters
-    assert rope["rope_type"] == "longrope" and rope["original_max_position_embeddings"] == THRESHOLD
-    assert rope["short_factor"] != rope["long_factor"] and len(set(rope["long_factor"])) > 1
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_presets_have_distinct_short_and_long_factors(preset):
+    """All ones for both (as before) would hide any rope mistake from the tests."""
+    from phivision.model.tiny import preset_config
+
+    rope = preset_config(preset).rope_parameters
+    assert rope["rope_type"] == "longrope" and rope["original_max_position_embeddings"] == 4096
+    short, long = rope["short_factor"], rope["long_factor"]
+    assert all(a < b for a, b in zip(short[1:], long[1:])) and len(set(long)) == len(long)
+
+
+def test_the_long_context_model_crosses_at_64(long_model):
+    assert long_model.config.rope_parameters["original_max_position_embeddings"] == THRESHOLD
 
 
 def test_a_short_sample_gets_the_same_logits_and_loss_whatever_it_is_batched_with(long_model, processor):
