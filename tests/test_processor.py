@@ -31,7 +31,7 @@ OFFICIAL_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 BOS_USER = [1, 32010, 29871, 13]
 WHAT_IS_THIS = [1, 29871, 13, 5618, 338, 445, 29973, 32007, 29871, 13, 32001, 29871, 13]
 AND_THIS_ONE = [1, 29871, 13, 2855, 445, 697, 29973, 32007, 29871, 13, 32001, 29871, 13]
-A_CAT = [319, 6635, 29889, 32007, 29871, 13]
+A_CAT = [29909, 6635, 29889, 32007, 29871, 13]  # an earlier answer: "A" continues the prompt text
 A_DOG_LAST = [319, 11203, 29889, 32007, 29871, 13, 32000]
 
 
@@ -185,6 +185,21 @@ def test_two_turn_two_image_conversation(tiny_processor, two_images):
     assert encoded.labels.tolist() == [-100] * 44 + A_CAT + [-100] * 33 + A_DOG_LAST
     assert encoded.image_sizes.tolist() == [[112, 112], [56, 112]]
     assert encoded.pixel_values.shape == (2, 5, 3, 56, 56)
+
+
+def test_earlier_answers_have_the_ids_of_the_same_conversation_as_an_inference_prompt(tiny_processor, two_images):
+    """The official processor tokenises the whole prompt text: the model sees "A" (29909), not "▁A" (319)."""
+    text = ("<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\nA cat.<|end|>\n"
+            "<|user|>\n<|image_2|>\nAnd this one?<|end|>\n<|assistant|>\n")
+    expected = tiny_processor(text, list(two_images))["input_ids"][0].tolist()
+    prompt = tiny_processor.encode_conversation("chat-1", two_turns(two_images, None), for_generation=True)
+    assert prompt.input_ids.tolist() == expected
+    trained = tiny_processor.encode_conversation("chat-1", two_turns(two_images))
+    assert trained.input_ids.tolist() == expected + A_DOG_LAST
+    history = expected.index(29909)
+    assert expected[history - 3 : history + 1] == [32001, 29871, 13, 29909]
+    assert trained.labels.tolist() == ([-100] * history + expected[history : history + len(A_CAT)]
+                                       + [-100] * (len(expected) - history - len(A_CAT)) + A_DOG_LAST)
 
 
 def test_train_on_last_answer_only(tiny_processor, two_images):

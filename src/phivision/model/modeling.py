@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface, Phi3ForCausalLM, Phi3Model
+from transformers import AttentionInterface, AttentionMaskInterface, GenerationMixin, Phi3ForCausalLM, Phi3Model
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel, Phi3RotaryEmbedding
 
 from phivision.errors import PhivisionError
 from phivision.model.config import Phi3VConfig
@@ -65,6 +66,59 @@ AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
 AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
+def sequence_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """Per token, the length of the sequence it belongs to (same shape as `position_ids`).
+
+    A sequence is a run of consecutive positions: a packed sample, the real tokens of a padded row
+    (padding sits at position 0), or the one new token of a cached generation step. Its length is
+    its last position + 1.
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[..., 1:] = position_ids[..., 1:] - position_ids[..., :-1] != 1
+    sequence = starts.flatten().cumsum(0) - 1  # every row starts a sequence, so ids never span rows
+    last = torch.zeros(sequence.numel(), dtype=position_ids.dtype, device=position_ids.device)
+    last.scatter_reduce_(0, sequence, position_ids.flatten(), reduce="amax", include_self=False)
+    return (last[sequence] + 1).view(position_ids.shape)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over the real tokens of each row, padding at 0 (as `generate` makes them)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+class SampleRotaryEmbedding(Phi3RotaryEmbedding):
+    """LongRoPE with the short/long factors chosen per sequence, not per batch.
+
+    `transformers` picks one factor set from the largest position of the whole batch, so a short
+    sample packed or padded beside a long one would get the long factors and a different loss.
+    Here every token takes the factors of its own sequence (see `sequence_lengths`): long when
+    that sequence is longer than `original_max_position_embeddings`, the official rule for one
+    sequence, so a sequence alone gets exactly `transformers`' cos/sin.
+    """
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_type != "longrope":
+            return super().forward(x, position_ids)
+        threshold = self.config.rope_parameters["original_max_position_embeddings"]
+        is_long = (sequence_lengths(position_ids) > threshold)[..., None]
+        inv_freq = torch.where(is_long, self._long_inv_freq(x.device), self.original_inv_freq.to(x.device))
+        freqs = position_ids[..., None].float() * inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    def _long_inv_freq(self, device: torch.device) -> torch.Tensor:
+        """Computed on first use: a buffer would be reset by the loader's init of rotary modules."""
+        cached = getattr(self, "long_inv_freq", None)
+        if cached is None or cached.device != device:
+            threshold = self.config.rope_parameters["original_max_position_embeddings"]
+            cached, _ = ROPE_INIT_FUNCTIONS["longrope"](self.config, device, seq_len=threshold + 1)
+            self.long_inv_freq = cached
+        return cached
+
+
 class Phi3VModel(Phi3Model):
     """The Phi-3 decoder with the image embedding (`vision_embed_tokens`) beside its token embedding."""
 
@@ -73,6 +127,7 @@ class Phi3VModel(Phi3Model):
     def __init__(self, config: Phi3VConfig):
         super().__init__(config)
         self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.rotary_emb = SampleRotaryEmbedding(config)
 
     def embed(
         self,
@@ -97,6 +152,18 @@ class Phi3VModel(Phi3Model):
                 f"{num_placeholders} placeholder tokens: the processor and model geometry disagree"
             )
         return embeddings.masked_scatter(placeholders.unsqueeze(-1), features.to(embeddings.dtype))
+
+
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a loss needs logits ([batch, length] bool: the next token has a label) and those labels.
+
+    Prompt and image tokens carry no label: projecting them onto the vocabulary would be most of
+    the head's work (and memory) for nothing. With the mask as `logits_to_keep`, logits come back
+    flattened, [n, vocab], in the order of the returned labels.
+    """
+    shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    keep = shift_labels != IGNORE_INDEX
+    return keep, shift_labels[keep]
 
 
 class Phi3VForCausalLM(Phi3ForCausalLM):
@@ -138,12 +205,11 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
             inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes)
         if use_cache is None and (labels is not None or self.training):
             use_cache = False  # training needs no cache, and packed rows are only detected without one
+        if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            # A padded row's rope must not see the padding: its length is its real tokens.
+            position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1]:]
         if self._keeps_supervised_logits_only(labels, logits_to_keep, kwargs):
-            # Prompt and image tokens carry no label: projecting them onto the vocabulary would be
-            # most of the head's work (and memory) for nothing. Logits come back flattened, [n, vocab].
-            shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-            logits_to_keep = shift_labels != IGNORE_INDEX
-            kwargs["shift_labels"] = shift_labels[logits_to_keep]
+            logits_to_keep, kwargs["shift_labels"] = supervised_positions(labels)
         return super().forward(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -161,10 +227,32 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
                 and "shift_labels" not in kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, pixel_values=None, image_sizes=None, **kwargs):
-        """Images enter once, with the prompt; later steps read their features from the cache."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, **kwargs)
-        prefilling = cache is None or cache.get_seq_length() == 0
-        if prefilling:
+        """Images enter with every full pass; cached steps read their features from the cache.
+
+        A row growing past `original_max_position_embeddings` switches to the long rope factors at
+        all its positions, so its cached keys (rotated with the short ones) are stale: the cache is
+        dropped and the whole sequence runs again, images included. Rows of a left-padded batch
+        cross at different steps, each crossing runs once more; every row then gets the tokens of
+        its own greedy loop without a cache. (`Phi3ForCausalLM`'s own rule looks at the padded
+        length only, so it is bypassed.)
+        """
+        if cache is not None and self._row_crosses_rope_threshold(input_ids, cache, kwargs.get("position_ids")):
+            cache = None
+            kwargs["next_sequence_length"] = None
+        model_inputs = GenerationMixin.prepare_inputs_for_generation(self, input_ids, cache=cache, **kwargs)
+        if cache is None or cache.get_seq_length() == 0:
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_sizes"] = image_sizes
         return model_inputs
+
+    def _row_crosses_rope_threshold(self, input_ids, cache, position_ids) -> bool:
+        """True when some row was at most `original_max_position_embeddings` long when cached and is longer now."""
+        rope = self.config.rope_parameters
+        cached = cache.get_seq_length()
+        if rope.get("rope_type") != "longrope" or cached == 0:
+            return False
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        threshold = rope["original_max_position_embeddings"]
+        before, now = position_ids[:, cached - 1] + 1, position_ids[:, -1] + 1
+        return bool(((before <= threshold) & (now > threshold)).any())

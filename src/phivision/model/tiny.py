@@ -36,6 +36,19 @@ PRESETS = {
 }
 
 
+def rope_factors(rotary_half: int) -> dict[str, list[float]]:
+    """Distinct short and long LongRoPE factors shaped like the official ones (which are not public here).
+
+    Short factors stay near 1, long ones grow towards the low frequencies, so a model that picks
+    the wrong set, or one set for a whole mixed batch, gives visibly different logits.
+    """
+    steps = [index / max(rotary_half - 1, 1) for index in range(rotary_half)]
+    return {
+        "short_factor": [round(1.0 + 0.2 * step * step, 4) for step in steps],
+        "long_factor": [round(1.0 + 31.0 * step**3, 4) for step in steps],
+    }
+
+
 def preset_config(preset: str) -> Phi3VConfig:
     """A config with the official token ids, rope type and vocabulary at a preset's size."""
     if preset not in PRESETS:
@@ -54,7 +67,7 @@ def preset_config(preset: str) -> Phi3VConfig:
         vocab_size=32064,
         max_position_embeddings=131072,
         original_max_position_embeddings=4096,
-        rope_scaling={"type": "su", "long_factor": [1.0] * rotary_half, "short_factor": [1.0] * rotary_half},
+        rope_scaling={"type": "su", **rope_factors(rotary_half)},
         rope_theta=10000.0,
         sliding_window=262144,
         bos_token_id=1,

@@ -3,8 +3,10 @@
 Token layout, as the official processor makes it: the prompt text is split at its image tags,
 every text chunk is tokenised on its own with a BOS in front (so a BOS starts the prompt and
 follows every image block), and tag k becomes `num_img_tokens(k)` copies of the id -k.
-Training follows the official recipe: each answer is tokenised on its own, without BOS, and is
-followed by `<|end|>\n`; the last one also by `<|endoftext|>`. Only answer tokens carry labels.
+Answers are followed by `<|end|>\n`, the last one also by `<|endoftext|>`; only answer tokens
+carry labels. An earlier answer gets the ids the official processor gives the same conversation as
+an inference prompt (one text, so the answer continues the `<|assistant|>\n` text chunk); the last,
+supervised answer is tokenised on its own, without BOS, as the official fine-tuning recipe does.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from phivision.model.config import Phi3VConfig
 from phivision.model.modeling import IGNORE_INDEX
 from phivision.model.vision import num_image_tokens
 from phivision.processing.images import CLIP_MEAN, CLIP_STD, crop_grid, hd_transform
-from phivision.processing.prompt import IMAGE_TAG, END, user_content, user_turn
+from phivision.processing.prompt import ASSISTANT, IMAGE_TAG, END, user_content, user_turn
 from phivision.processing.tokenizer import Phi3Tokenizer
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -234,9 +236,20 @@ class Phi3VProcessor:
                 break
             if assistant is None:
                 raise PhivisionError(f"sample {sample_id!r}, turn {index + 1} has no assistant answer")
-            answer = self.tokenizer.encode(assistant + END + "\n")
             if index == last:
-                answer.append(self.tokenizer.endoftext_id)
+                answer = [*self.tokenizer.encode(assistant + END + "\n"), self.tokenizer.endoftext_id]
+            else:
+                answer = self.history_answer_ids(assistant)
             input_ids.extend(answer)
             labels.extend(answer if (train_on == "all" or index == last) else [IGNORE_INDEX] * len(answer))
         return input_ids, labels
+
+    def history_answer_ids(self, answer: str) -> list[int]:
+        """An earlier answer with `<|end|>\n` as it is inside the whole prompt text.
+
+        There it continues the text after `<|assistant|>\n` (no word-start mark of its own: "A"
+        29909, where the answer alone gives "▁A" 319); the tokenizer splits at the control token,
+        so tokenising from it on and dropping its ids gives exactly the in-text ids.
+        """
+        lead = self.tokenizer.encode(ASSISTANT + "\n")
+        return self.tokenizer.encode(ASSISTANT + "\n" + answer + END + "\n")[len(lead):]

@@ -17,6 +17,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from phivision.data.sampler import EpochShuffleSampler, TokenBudgetBatchSampler
 from phivision.errors import PhivisionError
+from phivision.model.modeling import supervised_positions
 from phivision.train.checkpoints import complete_checkpoints, disk_error, publish, staging_dir
 
 
@@ -28,7 +29,22 @@ def finite_everywhere(loss: torch.Tensor) -> bool:
     return non_finite.item() == 0
 
 
+def sample_of_each_token(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Per token, the index of its sample in the batch, and the number of samples.
+
+    A padded batch has one sample per row; a packed row (position ids, restarting at 0) several.
+    """
+    rows, length = inputs["input_ids"].shape
+    if "position_ids" in inputs:
+        starts = inputs["position_ids"] == 0
+        return (starts.flatten().cumsum(0) - 1).view(rows, length), int(starts.sum())
+    return torch.arange(rows, device=inputs["input_ids"].device)[:, None].expand(rows, length), rows
+
+
 class PhivisionTrainer(Trainer):
+    # [loss sum, supervised tokens] of the evaluation in progress, over every process (None outside one).
+    _eval_totals: torch.Tensor | None = None
+
     def __init__(self, *args, sample_lengths: list[int] | None = None, group_by_length: bool = False,
                  max_tokens_per_batch: int | None = None, **kwargs):
         """`sample_lengths` (tokens per training sample) serve length grouping and token budgets."""
@@ -86,6 +102,49 @@ class PhivisionTrainer(Trainer):
             self._images = self._tokens = 0
             self._window_start = time.perf_counter()
         super().log(logs, start_time)
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """`<prefix>_loss` is the token mean over the whole eval set, like the training loss.
+
+        (The Trainer's own is a mean of per-batch means, so a batch of short answers counts as
+        much as one of long answers.)
+        """
+        self._eval_totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            loss_sum, tokens = self._eval_totals.tolist()
+        finally:
+            self._eval_totals = None
+        if tokens:
+            output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / tokens
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """For the loss only: logits only where a label is set, sums per sample gathered over processes.
+
+        Without this, an eval forward computes the full vocabulary at every position (about 0.5 GB
+        for one 2.5k-token sample). Per-sample sums go through `gather_for_metrics`, which drops
+        the samples repeated to give every process equally many batches.
+        """
+        if not prediction_loss_only or inputs.get("labels") is None or self._eval_totals is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels")
+        keep, targets = supervised_positions(labels)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+            token_losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        sample, num_samples = sample_of_each_token(inputs)
+        contributions = torch.stack([token_losses.double(), torch.ones_like(token_losses, dtype=torch.float64)], 1)
+        per_sample = torch.zeros(num_samples, 2, dtype=torch.float64, device=contributions.device)
+        per_sample.index_add_(0, sample[keep], contributions)
+        self._eval_totals += self.accelerator.gather_for_metrics(per_sample).sum(0)
+        loss = token_losses.sum() / max(token_losses.numel(), 1)
+        return loss.detach(), None, None
 
     # ---- checkpoints ------------------------------------------------------------------------
 
