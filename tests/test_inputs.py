@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from phivision.cli.main import main
 from phivision.errors import PhivisionError
 from phivision.processing.images import CLIP_MEAN, CLIP_STD, hd_transform, load_image
 
@@ -94,3 +104,96 @@ def test_a_float_image_with_nan_is_refused_naming_the_file(tmp_path):
     Image.fromarray(np.array([[0.0, np.nan]], np.float32)).save(tmp_path / "nan.tif")
     with pytest.raises(PhivisionError, match=r"nan\.tif.*NaN"):
         load_image(tmp_path / "nan.tif")
+
+
+# ---- duplicate ids -------------------------------------------------------------------------
+
+
+def _dataset(folder: Path, ids: list[str], user: str = "What digit is this?", answer: str = "7") -> Path:
+    """A jsonl whose samples all show one real image, one sample per id."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(folder / "images" / "a.png")
+    lines = [json.dumps({"id": sample_id, "conversations": [{"images": ["a.png"], "user": user, "assistant": answer}]})
+             for sample_id in ids]
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _phivision(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "phivision.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_validate_fails_on_a_duplicate_id_naming_both_lines(tmp_path):
+    data = _dataset(tmp_path, ["a", "b", "a"])
+    completed = _phivision("validate", str(data))
+    assert completed.returncode == 1
+    assert f'{data}:3: duplicate id "a" (first at line 1)' in completed.stdout
+    assert "FAILED: 1 problem(s)" in completed.stdout and "Traceback" not in completed.stderr
+    allowed = _phivision("validate", str(data), "--allow-duplicate-ids")
+    assert allowed.returncode == 0, allowed.stdout
+    assert "duplicate ids: 1 (allowed; first:" in allowed.stdout
+
+
+def test_training_and_eval_refuse_duplicate_ids_up_front(tmp_path, tiny_processor):
+    from phivision.data.dataset import check_dataset
+
+    data = _dataset(tmp_path, ["a", "b", "a"])
+    with pytest.raises(PhivisionError, match=re.escape(f'{data}:3: duplicate id "a" (first at line 1)')):
+        check_dataset(data, tiny_processor)
+    assert check_dataset(data, tiny_processor, skip_invalid=True).indices == [0, 1]
+    completed = _phivision("eval", "--model", "no-model-needed", "--data", str(data))
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert completed.stderr.startswith(f'phivision eval: error: {data}:3: duplicate id "a" (first at line 1)')
+    assert "--allow-duplicate-ids" in completed.stderr
+
+
+# ---- crops ---------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def generate_spy(monkeypatch):
+    """The crops of every processor `generate` is called with; answers are empty."""
+    from phivision.evaluate import generate as generate_module
+
+    crops = []
+
+    def spy(model, processor, prompts, max_new_tokens=64, streamer=None):
+        crops.append(processor.num_crops)
+        return [""] * len(prompts)
+
+    monkeypatch.setattr(generate_module, "generate", spy)
+    return crops
+
+
+def _with_crops(folder: Path, source: Path, num_crops: int) -> Path:
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**config, "num_crops": num_crops}))
+    return folder
+
+
+def test_predict_and_eval_use_the_crops_the_model_folder_records(tmp_path, tiny_model_dir, generate_spy):
+    model = _with_crops(tmp_path / "model", tiny_model_dir, 3)
+    data = _dataset(tmp_path / "data", ["a"])
+    image = str(data.parent / "images" / "a.png")
+    assert main(["predict", "--model", str(model), "--image", image, "--prompt", "What?", "--max-new-tokens", "1"]) == 0
+    assert main(["eval", "--model", str(model), "--data", str(data), "--max-new-tokens", "1"]) == 0
+    assert main(["predict", "--model", str(model), "--image", image, "--prompt", "What?", "--num-crops", "2"]) == 0
+    assert generate_spy == [3, 3, 2]
+
+
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_help_shows_every_default(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    parser = argparse.ArgumentParser()
+    module = importlib.import_module(f"phivision.cli.{command}")
+    module.add_arguments(parser)
+    for action in parser._actions:
+        if action.option_strings and not action.required and action.dest != "help":
+            shown = "default" in (action.help or "") or isinstance(action, argparse._StoreTrueAction)
+            assert shown, f"{command} {action.option_strings[0]} does not say its default"
+    assert "the adapter folder's preprocessor_config.json, else the model folder's" in text
