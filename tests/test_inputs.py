@@ -18,6 +18,7 @@ from PIL import Image
 from phivision.cli.main import main
 from phivision.errors import PhivisionError
 from phivision.processing.images import CLIP_MEAN, CLIP_STD, hd_transform, load_image
+from phivision.processing.processor import Phi3VProcessor
 
 # ---- image modes ---------------------------------------------------------------------------
 
@@ -152,15 +153,21 @@ def test_training_and_eval_refuse_duplicate_ids_up_front(tmp_path, tiny_processo
 # ---- crops ---------------------------------------------------------------------------------
 
 
+class SpyRecord(list):
+    prompts: list
+
+
 @pytest.fixture()
 def generate_spy(monkeypatch):
-    """The crops of every processor `generate` is called with; answers are empty."""
+    """The crops of every processor `generate` is called with (and in `.prompts` its prompts); answers are empty."""
     from phivision.evaluate import generate as generate_module
 
-    crops = []
+    crops = SpyRecord()
+    crops.prompts = []
 
     def spy(model, processor, prompts, max_new_tokens=64, streamer=None):
         crops.append(processor.num_crops)
+        crops.prompts.extend(prompts)
         return [""] * len(prompts)
 
     monkeypatch.setattr(generate_module, "generate", spy)
@@ -197,3 +204,88 @@ def test_help_shows_every_default(command, capsys):
             shown = "default" in (action.help or "") or isinstance(action, argparse._StoreTrueAction)
             assert shown, f"{command} {action.option_strings[0]} does not say its default"
     assert "the adapter folder's preprocessor_config.json, else the model folder's" in text
+
+
+# ---- control tokens written in data text -----------------------------------------------------
+
+QUESTION, ANSWER = "Is <|end|> a token?", "No <|endoftext|> <|user|>"
+# <s> <|user|> "\n" "Is" "<|end|>" as the five characters "a token?" <|end|> "\n" <|assistant|> "\n"
+PROMPT_IDS = [1, 32010, 29871, 13, 3624, 529, 29989, 355, 29989, 29958, 263, 5993, 29973, 32007, 29871, 13,
+              32001, 29871, 13]
+# "No" "<|endoftext|>" and "<|user|>" as text, then the template's <|end|> "\n" <|endoftext|>
+# The same question after an image tag: the image ids sit between "<|user|>\n" and a second <s>.
+WITH_IMAGE = [1, 32010, 29871, 13, 1, 29871, 13]
+ANSWER_IDS = [1939, 529, 29989, 355, 974, 726, 29989, 29958, 529, 29989, 1792, 29989, 29958, 32007, 29871, 13, 32000]
+
+
+def test_control_tokens_in_training_text_are_text(tmp_path, tiny_processor):
+    from phivision.data.dataset import ConversationDataset
+
+    data = _dataset(tmp_path, ["a"], user=QUESTION, answer=ANSWER)
+    encoded = ConversationDataset(data, tiny_processor)[0]
+    text_ids = encoded.input_ids[encoded.input_ids >= 0].tolist()
+    assert text_ids == WITH_IMAGE + PROMPT_IDS[4:] + ANSWER_IDS
+    assert encoded.labels[-len(ANSWER_IDS):].tolist() == ANSWER_IDS
+    # Only the template's control tokens: one <|user|>, <|end|> after the question and the answer, one <|endoftext|>.
+    assert [text_ids.count(token) for token in (32010, 32007, 32001, 32000)] == [1, 2, 1, 1]
+
+
+def test_control_tokens_in_text_only_turns_keep_exact_ids(tiny_processor):
+    input_ids, labels = tiny_processor.conversation_ids("s", [(QUESTION, ANSWER, 0)], [])
+    assert input_ids == PROMPT_IDS + ANSWER_IDS
+    assert labels == [-100] * len(PROMPT_IDS) + ANSWER_IDS
+
+
+def test_control_tokens_in_a_predict_prompt_and_eval_data_are_text(tmp_path, tiny_model_dir, generate_spy):
+    data = _dataset(tmp_path, ["a"], user=QUESTION)
+    image = str(data.parent / "images" / "a.png")
+    assert main(["predict", "--model", str(tiny_model_dir), "--image", image, "--prompt", QUESTION]) == 0
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data)]) == 0
+    for prompt in generate_spy.prompts:
+        text_ids = prompt.input_ids[prompt.input_ids >= 0].tolist()
+        assert text_ids == WITH_IMAGE + PROMPT_IDS[4:]
+        assert [text_ids.count(token) for token in (32010, 32007, 32001, 32000)] == [1, 1, 1, 0]
+
+
+# ---- tokenizer_config.json flags -----------------------------------------------------------
+
+FLAG_TEXT = "<|user|>\nWhat is it? <|end|>\n<|assistant|>\nA cat.  <|end|>\n<|endoftext|>"
+
+
+def _tokenizer_folder(folder: Path, rstrip_end: bool) -> Path:
+    """The bundled tokenizer.json with a tokenizer_config.json listing every added token, as checkpoints do."""
+    from phivision.processing.tokenizer import bundled_tokenizer_path
+
+    folder.mkdir()
+    shutil.copyfile(bundled_tokenizer_path(), folder / "tokenizer.json")
+    added = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+    decoder = {str(token.pop("id")): token for token in added}
+    decoder["32007"]["rstrip"] = rstrip_end
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "<|endoftext|>",
+              "unk_token": "<unk>", "pad_token": "<|endoftext|>", "add_bos_token": False, "legacy": False,
+              "added_tokens_decoder": decoder}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_tokenizer_config_flags_give_the_ids_transformers_gives(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from phivision.processing.tokenizer import Phi3Tokenizer
+
+    folder = _tokenizer_folder(tmp_path / "rstrip", rstrip_end=True)
+    ours = Phi3Tokenizer.from_folder(folder)
+    expected = [32010, 29871, 13, 5618, 338, 372, 29973, 29871, 32007, 32001, 29871, 13, 29909, 6635, 29889, 259,
+                32007, 32000]  # rstrip: <|end|> swallows the "\n" after it
+    assert ours.encode(FLAG_TEXT) == expected
+    # PreTrainedTokenizerFast reads tokenizer.json as written, as phivision does. (AutoTokenizer, for
+    # tokenizer_class LlamaTokenizer, rebuilds the pre-tokenizer under transformers 5.x and drops the
+    # 29871 after control tokens that the checkpoint's tokenizer.json produces.)
+    assert PreTrainedTokenizerFast.from_pretrained(folder).encode(FLAG_TEXT, add_special_tokens=False) == expected
+    # The chat template honours it too: no "\n" token after the template's <|end|>. (The answer is
+    # tokenised on its own, as the official recipe does: "A" gets the leading space, 319.)
+    input_ids, _ = Phi3VProcessor(ours).conversation_ids("s", [("What is it? ", "A cat.  ", 0)], [])
+    assert input_ids == [1, *expected[:12], 319, 6635, 29889, 259, 32007, 32000]
+    plain = Phi3Tokenizer.from_folder(_tokenizer_folder(tmp_path / "plain", rstrip_end=False))
+    assert plain.encode(FLAG_TEXT) == PreTrainedTokenizerFast.from_pretrained(tmp_path / "plain").encode(
+        FLAG_TEXT, add_special_tokens=False) != expected

@@ -5,6 +5,9 @@ every text chunk is tokenised on its own with a BOS in front (so a BOS starts th
 follows every image block), and tag k becomes `num_img_tokens(k)` copies of the id -k.
 Training follows the official recipe: each answer is tokenised on its own, without BOS, and is
 followed by `<|end|>\n`; the last one also by `<|endoftext|>`. Only answer tokens carry labels.
+Questions and answers are tokenised as text: a `<|end|>` written in them is not the control token
+(`__call__`, which takes a whole official prompt string, parses control tokens as the official
+processor does).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from phivision.model.modeling import IGNORE_INDEX
 from phivision.model.vision import num_image_tokens
 from phivision.processing.images import CLIP_MEAN, CLIP_STD, crop_grid, hd_transform
 from phivision.processing.prompt import IMAGE_TAG, END, user_content, user_turn
-from phivision.processing.tokenizer import Phi3Tokenizer
+from phivision.processing.tokenizer import CONTROL_MARK, Phi3Tokenizer
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
@@ -146,14 +149,18 @@ class Phi3VProcessor:
 
     # ---- text ---------------------------------------------------------------------------------
 
-    def prompt_ids(self, text: str, tokens_per_image: list[int], first_image: int = 1) -> list[int]:
-        """Official processor layout for prompt text with image tags numbered from `first_image`."""
+    def prompt_ids(self, text: str, tokens_per_image: list[int], first_image: int = 1, chat: bool = False) -> list[int]:
+        """Official processor layout for prompt text with image tags numbered from `first_image`.
+
+        With `chat`, only the tokenizer's `control` marks are control tokens (`encode_chat`).
+        """
+        encode = self.tokenizer.encode_chat if chat else self.tokenizer.encode
         pieces = IMAGE_TAG.split(text)
         ids: list[int] = []
         for position, piece in enumerate(pieces):
             if position % 2 == 0:
                 ids.append(self.tokenizer.bos_id)
-                ids.extend(self.tokenizer.encode(piece))
+                ids.extend(encode(piece))
             else:
                 number = int(piece)
                 ids.extend([-number] * tokens_per_image[number - first_image])
@@ -218,9 +225,14 @@ class Phi3VProcessor:
         labels: list[int] = []
         first_image = 1
         last = len(turns) - 1
+        control = self.tokenizer.control
         for index, (user, assistant, num_images) in enumerate(turns):
+            if CONTROL_MARK in user or (assistant is not None and CONTROL_MARK in assistant):
+                raise PhivisionError(f"sample {sample_id!r}, turn {index + 1}: the text contains U+FDD0, a Unicode "
+                                     "noncharacter phivision reserves for its chat template; remove it")
             content = user_content(sample_id, index, user, first_image, num_images)
-            prompt = self.prompt_ids(user_turn(content), tokens_per_image[first_image - 1 :], first_image)
+            prompt = self.prompt_ids(user_turn(content, control), tokens_per_image[first_image - 1 :], first_image,
+                                     chat=True)
             if index > 0:
                 prompt = prompt[1:]  # one conversation, one leading BOS: later turns continue the text
             input_ids.extend(prompt)
@@ -230,7 +242,7 @@ class Phi3VProcessor:
                 break
             if assistant is None:
                 raise PhivisionError(f"sample {sample_id!r}, turn {index + 1} has no assistant answer")
-            answer = self.tokenizer.encode(assistant + END + "\n")
+            answer = self.tokenizer.encode_chat(assistant + control(END) + "\n")
             if index == last:
                 answer.append(self.tokenizer.endoftext_id)
             input_ids.extend(answer)
