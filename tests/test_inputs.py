@@ -102,9 +102,16 @@ def test_an_rgb_png_with_a_key_colour_is_composited_through_the_hd_transform(tmp
 
 
 def test_a_float_image_with_nan_is_refused_naming_the_file(tmp_path):
-    Image.fromarray(np.array([[0.0, np.nan]], np.float32)).save(tmp_path / "nan.tif")
+    from phivision.data.validate import validate_file
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.array([[0.0, np.nan]], np.float32)).save(tmp_path / "images" / "nan.tif")
     with pytest.raises(PhivisionError, match=r"nan\.tif.*NaN"):
-        load_image(tmp_path / "nan.tif")
+        load_image(tmp_path / "images" / "nan.tif")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": "a", "conversations": [{"images": ["nan.tif"], "user": "Q", "assistant": "A"}]}))
+    [problem] = validate_file(data).problems
+    assert problem.startswith(f"{data}:1: turn 1: image 'nan.tif' cannot be used: ") and "NaN" in problem
 
 
 # ---- duplicate ids -------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from phivision.data.format import (
     resolve_media,
 )
 from phivision.errors import PhivisionError
+from phivision.processing.images import HIGH_DEPTH_MODES, high_depth_to_8bit
 from phivision.processing.prompt import user_content
 
 TokenCounter = Callable[[Sample], int]
@@ -216,6 +217,10 @@ def _image_problem(path: Path) -> str | None:
         with Image.open(path) as image:
             image.draft("RGB", (1, 1))
             image.load()
+            if image.mode in HIGH_DEPTH_MODES:
+                high_depth_to_8bit(image)  # refuses NaN or infinite pixels, as training would
+    except PhivisionError as error:
+        return f"cannot be used: {error}"
     except UnidentifiedImageError:
         return f"cannot be decoded (not an image format PIL can read) at {path}; replace or remove it"
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
