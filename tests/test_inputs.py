@@ -52,6 +52,10 @@ MODES = {
     # 16 bits scale by 1/257: 65535 -> 255, 25700 -> 100, 32768 -> 127.5 rounded to 128.
     "I;16": ("i16.png", Image.fromarray(np.array([[0, 65535, 25700, 32768]], np.uint16)), {},
              (120.75,) * 3),
+    # A grey tRNS key: the 0 pixel is transparent, hence white (8 and 16 bits alike).
+    "L-tRNS": ("lt.png", _row("L", [0, 100, 200, 60]), {"transparency": 0}, (153.75,) * 3),
+    "I;16-tRNS": ("i16t.png", Image.fromarray(np.array([[0, 65535, 25700, 32768]], np.uint16)), {"transparency": 0},
+                  (184.5,) * 3),
     "I": ("i.tif", Image.fromarray(np.array([[0, 65535, 25700, 32768]], np.int32)), {}, (120.75,) * 3),
     # I outside 0..65535: min-max, -100 -> 0, 0 -> 63.75 -> 64, 100 -> 127.5 -> 128, 300 -> 255.
     "I-minmax": ("im.tif", Image.fromarray(np.array([[-100, 0, 100, 300]], np.int32)), {}, (111.75,) * 3),
