@@ -164,25 +164,22 @@ def test_training_and_eval_refuse_duplicate_ids_up_front(tmp_path, tiny_processo
 # ---- crops ---------------------------------------------------------------------------------
 
 
-class SpyRecord(list):
-    prompts: list
-
-
 @pytest.fixture()
 def generate_spy(monkeypatch):
-    """The crops of every processor `generate` is called with (and in `.prompts` its prompts); answers are empty."""
+    """`crops` and `prompts` of every `generate` call; answers are empty."""
+    from types import SimpleNamespace
+
     from phivision.evaluate import generate as generate_module
 
-    crops = SpyRecord()
-    crops.prompts = []
+    calls = SimpleNamespace(crops=[], prompts=[])
 
     def spy(model, processor, prompts, max_new_tokens=64, streamer=None):
-        crops.append(processor.num_crops)
-        crops.prompts.extend(prompts)
+        calls.crops.append(processor.num_crops)
+        calls.prompts.extend(prompts)
         return [""] * len(prompts)
 
     monkeypatch.setattr(generate_module, "generate", spy)
-    return crops
+    return calls
 
 
 def _with_crops(folder: Path, source: Path, num_crops: int) -> Path:
@@ -199,7 +196,7 @@ def test_predict_and_eval_use_the_crops_the_model_folder_records(tmp_path, tiny_
     assert main(["predict", "--model", str(model), "--image", image, "--prompt", "What?", "--max-new-tokens", "1"]) == 0
     assert main(["eval", "--model", str(model), "--data", str(data), "--max-new-tokens", "1"]) == 0
     assert main(["predict", "--model", str(model), "--image", image, "--prompt", "What?", "--num-crops", "2"]) == 0
-    assert generate_spy == [3, 3, 2]
+    assert generate_spy.crops == [3, 3, 2]
 
 
 @pytest.mark.parametrize("command", ["predict", "eval"])
