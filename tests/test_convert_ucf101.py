@@ -27,14 +27,19 @@ SEED_LINE = (
 SEED_CLASSES = json.loads(SEED_LINE)["conversations"][0]["user"].split(": ")[1].rstrip(".").split(", ")
 
 
-def ucf_lines(split: str, videos: list[str], classes: list[str], frames: int) -> list[str]:
-    """The expected jsonl lines of `videos` ("Class/stem", in output order) in `split`."""
+def ucf_lines(split: str, videos: list[str], classes: list[str], frames: int, folder: str | None = None,
+              indices: list[int] | None = None) -> list[str]:
+    """The expected jsonl lines of `videos` ("Class/stem", in output order) in `split`.
+
+    `folder` is where the .avi files lie under SRC (default: the split's name, the subset layout);
+    `indices` their places in the split's sorted list (default: 0, 1, ...).
+    """
     user = f"Classify the video into one of the following classes: {', '.join(classes)}."
     return [
         json.dumps({"id": f"{split}-{index:010d}", "source": "ucf101", "conversations": [
             {"images": frame_files(split, [name], frames), "user": user, "assistant": name.split("/")[0]}
-        ]})  # fmt: skip
-        for index, name in enumerate(videos)
+        ], "video": f"{folder or split}/{name}.avi"})  # fmt: skip
+        for index, name in zip(indices or range(len(videos)), videos)
     ]
 
 
@@ -58,9 +63,11 @@ def test_ucf101_lines_have_the_seed_shape(tmp_path: Path, capsys: pytest.Capture
     assert main(["convert", "ucf101", str(src), str(out), "--workers", "1"]) == 0
 
     lines = jsonl_lines(out / "ucf101_val.jsonl")
-    assert lines[3] == SEED_LINE.replace("val-0000000300", "val-0000000003")
+    assert lines[3] == SEED_LINE.replace("val-0000000300", "val-0000000003")[:-1] + (
+        ', "video": "val/BabyCrawling/v_BabyCrawling_g21_c04.avi"}')
     seed, ours = json.loads(SEED_LINE), json.loads(lines[3])
-    assert list(ours) == list(seed) == ["id", "source", "conversations"]
+    assert list(seed) == ["id", "source", "conversations"]
+    assert list(ours) == [*seed, "video"]  # the source video, after the official keys
     assert list(ours["conversations"][0]) == ["images", "user", "assistant"]
     assert lines == ucf_lines("val", [f"{label}/v_{label}_g21_c04" for label in SEED_CLASSES], SEED_CLASSES, 8)
     assert capsys.readouterr().out.splitlines() == [
@@ -131,7 +138,7 @@ def test_ucf101_full_dataset_carves_val_by_whole_groups(tmp_path: Path) -> None:
         "test": ["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01", "Archery/v_Archery_g02_c01"],
     }  # fmt: skip
     for split, names in expected.items():
-        assert jsonl_lines(out / f"ucf101_{split}.jsonl") == ucf_lines(split, names, classes, 2)
+        assert jsonl_lines(out / f"ucf101_{split}.jsonl") == ucf_lines(split, names, classes, 2, folder="UCF-101")
     groups = {
         split: {re.search(r"_g(\d+)_", name).group(1) for name in files_under(out / "images" / split)}
         for split in ("train", "val", "test")
@@ -215,7 +222,9 @@ def test_ucf101_corrupt_video_is_reported_and_left_out(tmp_path: Path, capsys: p
     captured = capsys.readouterr()
     assert f"video {corrupt} cannot be opened" in captured.err
     assert "failed: 1 (unreadable or missing, left out)" in captured.out
-    assert jsonl_lines(out / "ucf101_train.jsonl") == ucf_lines("train", ["Archery/v_Archery_g02_c01"], ["Archery"], 8)
+    # The corrupt video sorts first: the good one keeps the id it has when converted without it.
+    assert jsonl_lines(out / "ucf101_train.jsonl") == ucf_lines("train", ["Archery/v_Archery_g02_c01"], ["Archery"], 8,
+                                                                indices=[1])
     assert not list((out / "images").rglob("v_Archery_g01_c01*"))
 
     assert main(["convert", "ucf101", str(src), str(tmp_path / "strict"), "--strict", "--workers", "1"]) == 2
@@ -223,6 +232,25 @@ def test_ucf101_corrupt_video_is_reported_and_left_out(tmp_path: Path, capsys: p
     assert error.startswith(f"phivision convert: error: video {corrupt} cannot be opened")
     assert error.endswith("(run without --strict to leave such samples out)")
     assert "\n" not in error
+
+
+def test_an_unreadable_video_shifts_no_other_id(tmp_path: Path) -> None:
+    names = ["Archery/v_Archery_g01_c01", "Archery/v_Archery_g02_c01", "Archery/v_Archery_g03_c01",
+             "BabyCrawling/v_BabyCrawling_g01_c01"]
+    clean, damaged = tmp_path / "clean", tmp_path / "damaged"
+    for name in names:
+        clip(clean / "train" / f"{name}.avi", num_frames=4)
+        clip(damaged / "train" / f"{name}.avi", num_frames=4)
+    (damaged / "train" / f"{names[1]}.avi").write_bytes(b"RIFF" + bytes(300))
+
+    convert_ucf101(clean, tmp_path / "out-clean", frames=2)
+    summary = convert_ucf101(damaged, tmp_path / "out-damaged", frames=2)
+
+    assert summary["failed"] == 1
+    by_video = {json.loads(line)["video"]: json.loads(line)["id"] for line in jsonl_lines(tmp_path / "out-clean/ucf101_train.jsonl")}
+    damaged_ids = {json.loads(line)["video"]: json.loads(line)["id"] for line in jsonl_lines(tmp_path / "out-damaged/ucf101_train.jsonl")}
+    assert by_video == {f"train/{name}.avi": f"train-{index:010d}" for index, name in enumerate(names)}
+    assert damaged_ids == {video: record_id for video, record_id in by_video.items() if video != f"train/{names[1]}.avi"}
 
 
 def test_ucf101_unknown_layout_explains_both(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -17,7 +17,6 @@ from helpers import read_jsonl, run_cli, train_run, write_mixed_data
 from safetensors.torch import load_file
 
 from phivision.cli.main import main
-from phivision.cli.predict import default_num_crops
 from phivision.data.digits import DIGITS_QUESTION
 from phivision.errors import PhivisionError
 from phivision.evaluate import generate as generate_module
@@ -30,10 +29,6 @@ from phivision.processing.video import load_frames
 
 
 # ---- predict -------------------------------------------------------------------------------
-
-
-def test_default_num_crops_follows_the_official_guidance():
-    assert [default_num_crops(n) for n in (1, 2, 3, 8)] == [16, 4, 4, 4]
 
 
 def write_video(path: Path, num_frames: int = 10, size: int = 32) -> Path:
@@ -70,15 +65,16 @@ def test_predict_prints_the_answer(trained, trained_model, digits, tmp_path, cap
     first, second = digits / "images" / "test" / "0003.png", digits / "images" / "test" / "0004.png"
     video = write_video(tmp_path / "clip.avi")
     argv = ["predict", "--model", str(trained.model_dir), "--prompt", DIGITS_QUESTION, "--max-new-tokens", "12"]
+    trained_crops = json.loads((trained.model_dir / "preprocessor_config.json").read_text())["num_crops"]
     if media == "one image":
         argv += ["--image", str(first)]
-        images, crops = [load_image(first)], 16
+        images, crops = [load_image(first)], trained_crops
     elif media == "two images":
         argv += ["--image", str(first), "--image", str(second)]
-        images, crops = [load_image(first), load_image(second)], 4
+        images, crops = [load_image(first), load_image(second)], trained_crops
     elif media == "video":
         argv += ["--video", str(video)]
-        images, crops = load_frames(video, 8), 4
+        images, crops = load_frames(video, 8), trained_crops
     else:
         argv += ["--image", str(first), "--num-crops", "2"]
         images, crops = [load_image(first)], 2
@@ -98,8 +94,7 @@ def test_predict_prints_the_answer(trained, trained_model, digits, tmp_path, cap
     expected = generate(trained_model, processor, [expected_prompt], max_new_tokens=12)
     assert call["answers"] == expected
     assert printed.strip() == expected[0] and printed.endswith("\n")
-    if media == "one image":
-        assert prompt.pixel_values.shape[1] == 17  # 16 crops and the global view
+    assert prompt.pixel_values.shape[1] == crops + 1  # the crops and the global view
 
 
 # ---- export --------------------------------------------------------------------------------

@@ -130,7 +130,8 @@ def test_ucf101_subset_of_real_mp4s_keeps_the_official_frames(tmp_path, tiny_mod
         for index, relative in enumerate(videos):
             frames = [relative.replace(".mp4", f".{k}.jpg") for k in range(8)]
             conversation = {"images": frames, "user": user, "assistant": relative.split("/")[1]}
-            expected.append({"id": f"{split}-{index:010d}", "source": "ucf101", "conversations": [conversation]})
+            expected.append({"id": f"{split}-{index:010d}", "source": "ucf101", "conversations": [conversation],
+                             "video": relative})
         assert jsonl(out / f"ucf101_{split}.jsonl") == expected
     assert len(list((out / "images").rglob("*.jpg"))) == 8 * len(UCF_VIDEOS)
 

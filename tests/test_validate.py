@@ -171,13 +171,17 @@ def test_a_file_of_blank_lines_has_no_samples(media):
     assert report.samples == 0
 
 
-def test_duplicate_ids_are_a_counted_warning_and_the_file_stays_clean(media):
+def test_duplicate_ids_are_problems_unless_allowed(media):
     path = _write_jsonl(media, [_sample("a"), _sample("b"), _sample("a"), _sample("a"), _sample("b")])
+    first = f'{path}:3: duplicate id "a" (first at line 1); give every sample its own id (predictions are written per id)'
     report = validate_file(path)
-    assert report.clean
-    assert report.duplicate_ids == 3
-    assert report.first_duplicate == f"{path}:3: id 'a' already used on line 1"
-    assert f"  duplicate ids: 3 (warning; first: {path}:3: id 'a' already used on line 1)" in report.summary()
+    assert report.problems == (first, f'{path}:4: duplicate id "a" (first at line 1); give every sample its own id '
+                               "(predictions are written per id)", first.replace(":3:", ":5:").replace('"a"', '"b"')
+                               .replace("line 1", "line 2"))
+    assert report.duplicate_ids == 3 and report.valid_samples == 2
+    allowed = validate_file(path, allow_duplicate_ids=True)
+    assert allowed.clean and allowed.duplicate_ids == 3
+    assert f"  duplicate ids: 3 (allowed; first: {first})" in allowed.summary()
 
 
 def test_missing_image_root_says_how_to_fix_it(media, tmp_path):
@@ -197,7 +201,7 @@ def test_an_explicit_image_root_replaces_the_default(media, tmp_path):
 
 def test_without_decoding_only_existence_and_size_are_checked(media):
     lines = [_turns({"images": [name], "user": "Hi", "assistant": "7"}) for name in ("corrupt.png", "empty.png", "broken.mp4")]
-    report = validate_file(_write_jsonl(media, lines), decode_images=False)
+    report = validate_file(_write_jsonl(media, lines), decode_images=False, allow_duplicate_ids=True)
     assert report.problem_count == 1
     assert "turn 1: image 'empty.png' is an empty file (0 bytes)" in report.problems[0]
 

@@ -6,23 +6,26 @@ import argparse
 import json
 
 from phivision.cli.options import positive_int
+from phivision.cli.predict import CROPS_HELP
 from phivision.train.config import ATTENTIONS, PRECISIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder (a base, or a run's model/ folder)")
-    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply to --model")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply to --model (default: none)")
     parser.add_argument("--data", required=True, help="jsonl dataset")
     parser.add_argument("--image-root", default=None, help="image folder (default: images/ beside the jsonl)")
-    parser.add_argument("--metric", choices=["auto", "accuracy", "anls"], default="auto")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
-    parser.add_argument("--num-crops", type=positive_int, default=None,
-                        help="crops per image (default: the adapter's training value, else the model folder's)")
-    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N samples")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
-    parser.add_argument("--attn", choices=ATTENTIONS, default="sdpa")
-    parser.add_argument("--out", default=None, help="folder for predictions.jsonl and metrics.json")
+    parser.add_argument("--metric", choices=["auto", "accuracy", "anls"], default="auto", help="default: %(default)s")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="default: %(default)s")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="default: %(default)s")
+    parser.add_argument("--num-crops", type=positive_int, default=None, help=CROPS_HELP)
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="evaluate only the first N samples (default: all)")
+    parser.add_argument("--allow-duplicate-ids", action="store_true",
+                        help="evaluate data whose ids repeat (predictions.jsonl repeats them too)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="default: %(default)s")
+    parser.add_argument("--attn", choices=ATTENTIONS, default="sdpa", help="default: %(default)s")
+    parser.add_argument("--out", default=None, help="folder for predictions.jsonl and metrics.json (default: none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from phivision.evaluate.evaluation import evaluate_dataset
     from phivision.evaluate.generate import inference_processor, load_for_inference
 
+    if not args.allow_duplicate_ids:
+        from phivision.data.format import JsonlDataset
+        from phivision.data.validate import check_unique_ids
+
+        samples = JsonlDataset(args.data)
+        check_unique_ids(samples[i] for i in range(len(samples)))
     init_distributed()
     processor = inference_processor(args.model, args.adapter, args.num_crops)
     model = load_for_inference(args.model, args.adapter, args.precision, args.attn)

@@ -8,23 +8,21 @@ from phivision.cli.options import positive_int
 from phivision.train.config import ATTENTIONS, PRECISIONS
 
 
+CROPS_HELP = ("crops per image (default: the value the model was trained with: the adapter folder's "
+              "preprocessor_config.json, else the model folder's)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder")
-    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply")
-    parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
-    parser.add_argument("--video", default=None, help="a video file, sampled to --frames frames")
-    parser.add_argument("--frames", type=positive_int, default=8)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--num-crops", type=positive_int, default=None,
-                        help="default: the adapter's training value, else 16 for one image and 4 for several "
-                             "images or a video (official guidance)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
-    parser.add_argument("--attn", choices=ATTENTIONS, default="sdpa")
-
-
-def default_num_crops(images: int) -> int:
-    return 16 if images == 1 else 4
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to apply (default: none)")
+    parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several; default: none)")
+    parser.add_argument("--video", default=None, help="a video file, sampled to --frames frames (default: none)")
+    parser.add_argument("--frames", type=positive_int, default=8, help="frames sampled from --video (default: %(default)s)")
+    parser.add_argument("--prompt", required=True, help="the question, tokenised as plain text")
+    parser.add_argument("--num-crops", type=positive_int, default=None, help=CROPS_HELP)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="default: %(default)s")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="default: %(default)s")
+    parser.add_argument("--attn", choices=ATTENTIONS, default="sdpa", help="default: %(default)s")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,10 +39,7 @@ def run(args: argparse.Namespace) -> int:
         frames = load_frames(args.video, args.frames)
         images += frames
         names += [f"{args.video} frame {k + 1}" for k in range(len(frames))]
-    num_crops = args.num_crops
-    if num_crops is None and args.adapter is None:
-        num_crops = default_num_crops(len(images))
-    processor = inference_processor(args.model, args.adapter, num_crops)
+    processor = inference_processor(args.model, args.adapter, args.num_crops)
     model = load_for_inference(args.model, args.adapter, args.precision, args.attn)
     prompt = processor.encode_conversation("prompt", [ChatTurn(args.prompt, None, images, names)], for_generation=True)
     streamer = TextStreamer(_StreamingTokenizer(processor.tokenizer), skip_prompt=True)

@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-crops", type=int, metavar="N", help="crops per image when counting tokens (with --model)")
     parser.add_argument("--max-length", type=int, metavar="L", help="report samples longer than L tokens (with --model)")
     parser.add_argument("--max-problems", type=int, default=50, metavar="N", help="problems to print (default: 50)")
+    parser.add_argument("--allow-duplicate-ids", action="store_true",
+                        help="count repeated ids instead of reporting them as problems")
     parser.add_argument(
         "--no-decode", action="store_true", help="only check that media files exist, without decoding them (faster)"
     )
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         token_counter=token_counter,
         max_length=args.max_length,
         max_problems=args.max_problems,
+        allow_duplicate_ids=args.allow_duplicate_ids,
     )
     for problem in report.problems:
         print(problem)

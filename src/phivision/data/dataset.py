@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from phivision.data.format import DEFAULT_FRAMES, JsonlDataset, Sample, default_image_root, is_video, resolve_media
-from phivision.data.validate import TokenCounter
+from phivision.data.validate import DuplicateIds, TokenCounter
 from phivision.errors import PhivisionError
 from phivision.processing.images import load_image
 from phivision.processing.processor import ChatTurn, Encoded, Phi3VProcessor
@@ -138,10 +138,13 @@ def check_dataset(
     checked = CheckedData([], [])
     invalid: list[str] = []
     too_long: list[str] = []
+    ids = DuplicateIds()
     for position in tqdm(range(len(samples)), desc=f"check {Path(path).name}", leave=False,
                          disable=len(samples) < 1000):
         try:
             sample = samples[position]
+            if repeat := ids.repeat_of(sample):
+                raise PhivisionError(repeat)
             length = sample_length(sample, root, processor, train_on)
         except PhivisionError as error:
             message = str(error)

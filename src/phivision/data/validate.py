@@ -5,11 +5,13 @@ with the same `user_content` the processor uses, and every image or video it nam
 be non-empty. With `decode_images`, images are fully decoded (a truncated file fails only when its
 pixel data is read, so `verify()` alone is not enough) and videos must open with a video stream.
 Each distinct path is checked once, on a thread pool, since datasets often repeat images.
-Problems read `file:line: message`. Duplicate ids are a warning: counted, but the file stays clean.
+Problems read `file:line: message`. A repeated id is a problem (evaluation writes one prediction
+per id) unless `allow_duplicate_ids`, which only counts them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import stat
@@ -30,6 +32,7 @@ from phivision.data.format import (
     resolve_media,
 )
 from phivision.errors import PhivisionError
+from phivision.processing.images import HIGH_DEPTH_MODES, high_depth_to_8bit
 from phivision.processing.prompt import user_content
 
 TokenCounter = Callable[[Sample], int]
@@ -50,6 +53,7 @@ class ValidationReport:
     images_max: int
     duplicate_ids: int
     first_duplicate: str | None
+    duplicates_allowed: bool
     token_p50: int | None
     token_p95: int | None
     token_max: int | None
@@ -68,7 +72,7 @@ class ValidationReport:
             f"  turns: {self.turns}",
             f"  images per sample: mean {self.images_mean:.2f}, max {self.images_max}",
             f"  duplicate ids: {self.duplicate_ids}"
-            + (f" (warning; first: {self.first_duplicate})" if self.first_duplicate else ""),
+            + (f" (allowed; first: {self.first_duplicate})" if self.duplicates_allowed and self.first_duplicate else ""),
         ]
         if self.token_max is None:
             lines.append("  tokens per sample: not counted (needs a model folder: --model)")
@@ -88,6 +92,7 @@ def validate_file(
     max_length: int | None = None,
     max_problems: int = 50,
     frames_default: int = DEFAULT_FRAMES,
+    allow_duplicate_ids: bool = False,
 ) -> ValidationReport:
     """Every problem of a dataset (the first `max_problems` kept as text) and its statistics.
 
@@ -99,7 +104,7 @@ def validate_file(
         raise PhivisionError("max_length needs a token counter (a model folder) to measure samples")
     root = Path(image_root) if image_root is not None else default_image_root(path)
     media = _MediaChecker(root, decode_images)
-    tally = _Tally(path, max_problems, max_length, frames_default)
+    tally = _Tally(path, max_problems, max_length, frames_default, allow_duplicate_ids)
     with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 1))) as pool:
         for chunk in _chunks(iter_raw_lines(path), CHUNK_LINES):
             parsed = [_parse_line(raw, path, number) for number, raw in chunk]
@@ -113,6 +118,30 @@ def validate_file(
     if tally.samples == 0:
         tally.problem(f"{path}: the file has no samples (only blank lines); add one JSON object per line")
     return tally.report()
+
+
+class DuplicateIds:
+    """The first line of every id seen so far, to name both lines of a repeat."""
+
+    def __init__(self) -> None:
+        self.first_line_of: dict[str, int] = {}
+
+    def repeat_of(self, sample: Sample) -> str | None:
+        """The problem line for a sample whose id an earlier line already used, else None."""
+        first = self.first_line_of.setdefault(sample.id, sample.line)
+        if first == sample.line:
+            return None
+        return (f"{sample.where}: duplicate id {json.dumps(sample.id, ensure_ascii=False)} (first at line {first}); "
+                "give every sample its own id (predictions are written per id)")
+
+
+def check_unique_ids(samples: Iterable[Sample]) -> None:
+    """Refuse a dataset with a repeated id, naming the first repeat and how many there are."""
+    ids = DuplicateIds()
+    repeats = [message for sample in samples if (message := ids.repeat_of(sample))]
+    if repeats:
+        more = f" (and {len(repeats) - 1} more repeated ids)" if len(repeats) > 1 else ""
+        raise PhivisionError(f"{repeats[0]}{more}; or pass --allow-duplicate-ids")
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -190,6 +219,10 @@ def _image_problem(path: Path) -> str | None:
         with Image.open(path) as image:
             image.draft("RGB", (1, 1))
             image.load()
+            if image.mode in HIGH_DEPTH_MODES:
+                high_depth_to_8bit(image)  # refuses NaN or infinite pixels, as training would
+    except PhivisionError as error:
+        return f"cannot be used: {error}"
     except UnidentifiedImageError:
         return f"cannot be decoded (not an image format PIL can read) at {path}; replace or remove it"
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
@@ -214,15 +247,17 @@ def _video_problem(path: Path) -> str | None:
 class _Tally:
     """Running counts over the file, so memory stays flat however many lines it has."""
 
-    def __init__(self, path: Path, max_problems: int, max_length: int | None, frames_default: int):
+    def __init__(self, path: Path, max_problems: int, max_length: int | None, frames_default: int,
+                 allow_duplicate_ids: bool):
         self.path = path
+        self.allow_duplicate_ids = allow_duplicate_ids
         self.frames_default = frames_default
         self.max_problems = max_problems
         self.max_length = max_length
         self.problems: list[str] = []
         self.problem_count = 0
         self.samples = self.parsed = self.valid = self.turns = self.images_total = self.images_max = 0
-        self.first_line_of: dict[str, int] = {}
+        self.ids = DuplicateIds()
         self.duplicates = 0
         self.first_duplicate: str | None = None
         self.token_lengths = array("q")
@@ -244,19 +279,17 @@ class _Tally:
         images = sample.num_images(self.frames_default)
         self.images_total += images
         self.images_max = max(self.images_max, images)
-        self._note_id(sample)
+        repeat = self.ids.repeat_of(sample)
+        if repeat:
+            self.duplicates += 1
+            self.first_duplicate = self.first_duplicate or repeat
+            if not self.allow_duplicate_ids:
+                problems = [*problems, repeat]
         if not problems and token_counter is not None:
             problems = self._measure(sample, token_counter)
         for message in problems:
             self.problem(message)
         self.valid += not problems
-
-    def _note_id(self, sample: Sample) -> None:
-        first = self.first_line_of.setdefault(sample.id, sample.line)
-        if first != sample.line:
-            self.duplicates += 1
-            if self.first_duplicate is None:
-                self.first_duplicate = f"{sample.where}: id {sample.id!r} already used on line {first}"
 
     def _measure(self, sample: Sample, token_counter: TokenCounter) -> list[str]:
         try:
@@ -285,6 +318,7 @@ class _Tally:
             images_max=self.images_max,
             duplicate_ids=self.duplicates,
             first_duplicate=self.first_duplicate,
+            duplicates_allowed=self.allow_duplicate_ids,
             token_p50=_nearest_rank(lengths, 50),
             token_p95=_nearest_rank(lengths, 95),
             token_max=lengths[-1] if lengths else None,

@@ -31,7 +31,7 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
+            return to_rgb(image, name=f"image {path}")
     except Image.DecompressionBombError:
         raise PhivisionError(f"image {path} has too many pixels to open safely; downscale it (the model sees "
                              "at most 16 crops of 336 pixels)") from None
@@ -39,13 +39,47 @@ def load_image(path: str | Path) -> Image.Image:
         raise PhivisionError(f"image {path} cannot be decoded ({error}); re-export or remove it") from None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as the official processor makes it: every other mode is composited on white."""
-    if image.mode == "RGB":
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """RGB with transparent pixels (alpha or a `tRNS` key colour) composited on white.
+
+    One rule for every mode: white is also the HD transform's padding colour. 16-bit, 32-bit and
+    float greyscale is first scaled to 8 bits (see `high_depth_to_8bit`).
+    """
+    if image.mode in HIGH_DEPTH_MODES:
+        image = high_depth_to_8bit(image, name)
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def high_depth_to_8bit(image: Image.Image, name: str = "image") -> Image.Image:
+    """Greyscale beyond 8 bits as L (LA where a key colour marks transparent pixels).
+
+    I;16 and I whose values fit 0..65535: value / 257, rounded (65535 -> 255). Other I: min-max
+    to 0..255. F: values within 0..1 times 255, rounded; other F: min-max. A constant image
+    outside those ranges becomes black; NaN or infinite pixels are refused.
+    """
+    values = np.asarray(image).astype(np.float64)
+    if not np.isfinite(values).all():
+        raise PhivisionError(f"{name} ({image.mode}) has NaN or infinite pixels; re-export it with finite values")
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    if image.mode == "F" and 0.0 <= low and high <= 1.0:
+        scaled = values * 255.0
+    elif image.mode != "F" and 0.0 <= low and high <= 65535.0:
+        scaled = values / 257.0
+    else:
+        scaled = (values - low) * 255.0 / (high - low) if high > low else np.zeros_like(values)
+    grey = Image.fromarray(np.rint(scaled).astype(np.uint8))
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)) and image.mode != "F":
+        alpha = np.where(values == key, 0, 255).astype(np.uint8)
+        grey = Image.merge("LA", (grey, Image.fromarray(alpha)))
+    return grey
 
 
 def hd_grid(width: int, height: int, num_crops: int, crop_size: int) -> tuple[int, int, int, int]:
@@ -85,7 +119,7 @@ def hd_transform(
         raise PhivisionError(f"num_crops must be at least 1, got {num_crops}")
     if image.width < 1 or image.height < 1:
         raise PhivisionError(f"{name} has zero size ({image.width}x{image.height})")
-    image = to_rgb(image)
+    image = to_rgb(image, name)
     transposed = image.width < image.height
     if transposed:
         image = image.transpose(Image.Transpose.TRANSPOSE)

@@ -7,6 +7,9 @@ Answers are followed by `<|end|>\n`, the last one also by `<|endoftext|>`; only 
 carry labels. An earlier answer gets the ids the official processor gives the same conversation as
 an inference prompt (one text, so the answer continues the `<|assistant|>\n` text chunk); the last,
 supervised answer is tokenised on its own, without BOS, as the official fine-tuning recipe does.
+Questions and answers are tokenised as text: a `<|end|>` written in them is not the control token
+(`__call__`, which takes a whole official prompt string, parses control tokens as the official
+processor does).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from phivision.model.modeling import IGNORE_INDEX
 from phivision.model.vision import num_image_tokens
 from phivision.processing.images import CLIP_MEAN, CLIP_STD, crop_grid, hd_transform
 from phivision.processing.prompt import ASSISTANT, IMAGE_TAG, END, user_content, user_turn
-from phivision.processing.tokenizer import Phi3Tokenizer
+from phivision.processing.tokenizer import CONTROL_MARK, Phi3Tokenizer
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
@@ -152,14 +155,18 @@ class Phi3VProcessor:
 
     # ---- text ---------------------------------------------------------------------------------
 
-    def prompt_ids(self, text: str, tokens_per_image: list[int], first_image: int = 1) -> list[int]:
-        """Official processor layout for prompt text with image tags numbered from `first_image`."""
+    def prompt_ids(self, text: str, tokens_per_image: list[int], first_image: int = 1, chat: bool = False) -> list[int]:
+        """Official processor layout for prompt text with image tags numbered from `first_image`.
+
+        With `chat`, only the tokenizer's `control` marks are control tokens (`encode_chat`).
+        """
+        encode = self.tokenizer.encode_chat if chat else self.tokenizer.encode
         pieces = IMAGE_TAG.split(text)
         ids: list[int] = []
         for position, piece in enumerate(pieces):
             if position % 2 == 0:
                 ids.append(self.tokenizer.bos_id)
-                ids.extend(self.tokenizer.encode(piece))
+                ids.extend(encode(piece))
             else:
                 number = int(piece)
                 ids.extend([-number] * tokens_per_image[number - first_image])
@@ -224,9 +231,14 @@ class Phi3VProcessor:
         labels: list[int] = []
         first_image = 1
         last = len(turns) - 1
+        control = self.tokenizer.control
         for index, (user, assistant, num_images) in enumerate(turns):
+            if CONTROL_MARK in user or (assistant is not None and CONTROL_MARK in assistant):
+                raise PhivisionError(f"sample {sample_id!r}, turn {index + 1}: the text contains U+FDD0, a Unicode "
+                                     "noncharacter phivision reserves for its chat template; remove it")
             content = user_content(sample_id, index, user, first_image, num_images)
-            prompt = self.prompt_ids(user_turn(content), tokens_per_image[first_image - 1 :], first_image)
+            prompt = self.prompt_ids(user_turn(content, control), tokens_per_image[first_image - 1 :], first_image,
+                                     chat=True)
             if index > 0:
                 prompt = prompt[1:]  # one conversation, one leading BOS: later turns continue the text
             input_ids.extend(prompt)
@@ -237,7 +249,7 @@ class Phi3VProcessor:
             if assistant is None:
                 raise PhivisionError(f"sample {sample_id!r}, turn {index + 1} has no assistant answer")
             if index == last:
-                answer = [*self.tokenizer.encode(assistant + END + "\n"), self.tokenizer.endoftext_id]
+                answer = [*self.tokenizer.encode_chat(assistant + control(END) + "\n"), self.tokenizer.endoftext_id]
             else:
                 answer = self.history_answer_ids(assistant)
             input_ids.extend(answer)
@@ -251,5 +263,6 @@ class Phi3VProcessor:
         29909, where the answer alone gives "▁A" 319); the tokenizer splits at the control token,
         so tokenising from it on and dropping its ids gives exactly the in-text ids.
         """
-        lead = self.tokenizer.encode(ASSISTANT + "\n")
-        return self.tokenizer.encode(ASSISTANT + "\n" + answer + END + "\n")[len(lead):]
+        control = self.tokenizer.control
+        lead = self.tokenizer.encode_chat(control(ASSISTANT) + "\n")
+        return self.tokenizer.encode_chat(control(ASSISTANT) + "\n" + answer + control(END) + "\n")[len(lead):]

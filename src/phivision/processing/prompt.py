@@ -7,6 +7,7 @@ official eval dataset, which restarts numbering in every turn and so breaks mult
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from phivision.errors import PhivisionError
 
@@ -45,7 +46,11 @@ def _tags(numbers: list[int]) -> str:
     return ", ".join(f"<|image_{number}|>" for number in numbers)
 
 
-def user_turn(content: str) -> str:
-    """One user message in the chat template, followed by the generation prompt."""
-    return f"{USER}\n{content}{END}\n{ASSISTANT}\n"
+def user_turn(content: str, control: Callable[[str], str] = str) -> str:
+    """One user message in the chat template, followed by the generation prompt.
+
+    `control` writes each control token the template places (the tokenizer's `control` marks
+    them, so that the same strings inside `content` stay text).
+    """
+    return f"{control(USER)}\n{content}{control(END)}\n{control(ASSISTANT)}\n"
 

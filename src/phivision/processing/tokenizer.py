@@ -1,8 +1,14 @@
 """The Phi-3 tokenizer, read straight from a local `tokenizer.json`.
 
 The `tokenizers` file is used as written in the checkpoint (normaliser, byte fallback, added
-tokens), never rebuilt from a Python class, so ids match the official tokenizer exactly. BOS is
-added by the processor, never by the tokenizer.
+tokens), never rebuilt from a Python class, so ids match the official tokenizer exactly. As in
+transformers 5.x, the `added_tokens_decoder` of `tokenizer_config.json` wins over tokenizer.json
+for an added token's flags (lstrip, rstrip, normalized, single_word, special); flags given in
+`special_tokens_map.json` or for named special tokens do not change a token tokenizer.json has.
+BOS is added by the processor, never by the tokenizer.
+
+Data text is tokenised as text (`encode_chat`): `<|end|>` written in a question is the five
+characters, not the control token; only the chat template places control tokens (`control`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from phivision.errors import PhivisionError
 
@@ -50,6 +56,9 @@ DEFAULT_SPECIAL_TOKENS_MAP = {
     "pad_token": _special_token("<|endoftext|>"),
     "unk_token": _special_token("<unk>"),
 }
+# Marks a control token the chat template placed; a Unicode noncharacter, reserved for internal use.
+CONTROL_MARK = "\ufdd0"
+ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 
 
 def bundled_tokenizer_path() -> Path:
@@ -69,6 +78,7 @@ class Phi3Tokenizer:
         self.end_id = self._required_id("<|end|>")
         self.user_id = self._required_id("<|user|>")
         self.assistant_id = self._required_id("<|assistant|>")
+        self._chat: tuple[Tokenizer, dict[int, int]] | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Phi3Tokenizer":
@@ -80,9 +90,11 @@ class Phi3Tokenizer:
             ).is_file() else ""
             raise PhivisionError(f"{folder} has no tokenizer.json{hint}")
         try:
-            return cls(Tokenizer.from_file(str(path)), source=folder)
+            tokenizer = Tokenizer.from_file(str(path))
         except Exception as error:
             raise PhivisionError(f"{path} cannot be read as a tokenizers file: {error}") from None
+        apply_added_token_flags(tokenizer, folder / "tokenizer_config.json")
+        return cls(tokenizer, source=folder)
 
     @classmethod
     def bundled(cls) -> "Phi3Tokenizer":
@@ -97,6 +109,21 @@ class Phi3Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def control(self, token: str) -> str:
+        """`token` (e.g. `<|end|>`) as the chat template writes it for `encode_chat`."""
+        return CONTROL_MARK + token
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Text where only `control(...)` marks are control tokens: anything written literally is text.
+
+        The marked tokens keep their flags, so a template encodes to exactly the ids of `encode`
+        on the unmarked string whenever the data text holds no control-token strings.
+        """
+        if self._chat is None:
+            self._chat = _marked_tokenizer(self.tokenizer)
+        marked, real_id = self._chat
+        return [real_id.get(token_id, token_id) for token_id in marked.encode(text, add_special_tokens=False).ids]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids if int(i) >= 0]
@@ -122,3 +149,33 @@ class Phi3Tokenizer:
             (folder / "tokenizer_config.json").write_text(json.dumps(DEFAULT_TOKENIZER_CONFIG, indent=2) + "\n")
         if not (folder / "special_tokens_map.json").is_file():
             (folder / "special_tokens_map.json").write_text(json.dumps(DEFAULT_SPECIAL_TOKENS_MAP, indent=2) + "\n")
+
+
+def _marked_tokenizer(tokenizer: Tokenizer) -> tuple[Tokenizer, dict[int, int]]:
+    """A copy whose added tokens match only behind CONTROL_MARK, with the same flags; marked id -> real id."""
+    spec = json.loads(tokenizer.to_str())
+    for token in spec["added_tokens"]:
+        token["content"] = CONTROL_MARK + token["content"]
+    marked = Tokenizer.from_str(json.dumps(spec))
+    return marked, {marked.token_to_id(token["content"]): token["id"] for token in spec["added_tokens"]}
+
+
+def apply_added_token_flags(tokenizer: Tokenizer, config_path: Path) -> None:
+    """The flags `added_tokens_decoder` of tokenizer_config.json gives, as transformers 5.x applies them."""
+    if not config_path.is_file():
+        return
+    try:
+        entries = json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+    except (ValueError, AttributeError) as error:
+        raise PhivisionError(f"{config_path} is not a JSON object: {error}") from None
+    for key, entry in entries.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise PhivisionError(f"{config_path}: added_tokens_decoder[{key!r}] needs a \"content\" string")
+        flags = {name: bool(entry[name]) for name in ADDED_TOKEN_FLAGS if name in entry}
+        token = AddedToken(entry["content"], **flags)
+        (tokenizer.add_special_tokens if flags.get("special") else tokenizer.add_tokens)([token])
+        if str(tokenizer.token_to_id(entry["content"])) != str(key):
+            raise PhivisionError(
+                f"{config_path}: added_tokens_decoder gives {entry['content']!r} the id {key}, but tokenizer.json "
+                f"has it as {tokenizer.token_to_id(entry['content'])}; use the checkpoint's own tokenizer files"
+            )

@@ -10,6 +10,9 @@ Two layouts are recognised:
   one group come from one long recording, so whole groups move and no group is in two splits;
   the default of 3 is 1/6 of the 18 train groups (groups 23-25 for split 1).
 
+Ids are `{split}-{index:010d}`, the video's place in its split's sorted list, so they stay the same
+whichever videos fail to decode; each record names its source file in `video` (relative to SRC).
+
 Conversion is resumable: a video whose frames are all on disk is not decoded again. Changing
 `frames` therefore needs a fresh output folder.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,11 +78,15 @@ def convert_ucf101(
 
     prompt = f"Classify the video into one of the following classes: {', '.join(classes)}."
     records_by_split: dict[str, list[dict[str, Any]]] = {}
+    numbered = Counter()
     for video in videos:
+        # Numbered in the sorted list before decoding: a video that fails shifts no other id.
+        record_id = f"{video.split}-{numbered[video.split]:010d}"
+        numbered[video.split] += 1
         split_records = records_by_split.setdefault(video.split, [])
         if video.path not in failed:
-            record_id = f"{video.split}-{len(split_records):010d}"
-            split_records.append(record(record_id, SOURCE, video.frame_names(frames), prompt, video.label))
+            split_records.append(record(record_id, SOURCE, video.frame_names(frames), prompt, video.label,
+                                        video=video.path.relative_to(src).as_posix()))
     summary = write_splits(out, SOURCE, records_by_split)
     return {**summary, "skipped": len(videos) - len(pending), "failed": failures.count}
 
