@@ -18,13 +18,19 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     from phivision.cli.evaluation_callback import task_metric_callbacks
-    from phivision.train.run import run_training
+    from phivision.train.run import is_main_process, run_training
 
     result = run_training(config, resume=args.resume, callbacks=task_metric_callbacks(config))
+    if result.already_finished:
+        if is_main_process():
+            print(f"already finished: {result.global_step} steps, model in {result.model_dir}; nothing to train "
+                  "(raise max_steps or epochs to continue the run)")
+        return 0
     if result.interrupted:
         overrides = "".join(f" --set {override}" for override in args.overrides)
-        print(f"stopped at step {result.global_step}; resume with the same launcher and: "
-              f"phivision train {args.config}{overrides} --resume auto")
-        return 130
+        if is_main_process():  # once, not once per torchrun process
+            print(f"stopped at step {result.global_step}; resume with the same launcher and: "
+                  f"phivision train {args.config}{overrides} --resume auto", flush=True)
+        return 128 + result.stop_signal  # 130 after Ctrl-C (SIGINT), 143 after SIGTERM
     print(f"done: {result.global_step} steps; model in {result.model_dir}; report in {result.output_dir / 'report.md'}")
     return 0
