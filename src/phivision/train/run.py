@@ -222,7 +222,7 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
             raise PhivisionError(f"{checkpoint} is the end of the run but {output_dir} has no model/, and under "
                                  f"DeepSpeed it is not rebuilt from a checkpoint: the weights are in {checkpoint}")
         trainer._load_from_checkpoint(checkpoint)
-        trainer.state.global_step = checkpoint_step(checkpoint)
+        trainer.state.global_step = step
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
     if interrupt.requested:
