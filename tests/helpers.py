@@ -11,8 +11,12 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import av
@@ -188,3 +192,53 @@ def code_blocks(text: str) -> list[tuple[int, str, list[tuple[int, str]]]]:
             current.append((number, line))
     assert current is None, f"README.md: the code block opened at line {start} is never closed"
     return blocks
+
+
+# ---- training runs as a user starts them -------------------------------------------------
+
+
+def base_config(model_dir, data, out, **overrides) -> dict:
+    values = {
+        "model": str(model_dir), "train_data": str(data / "small_train.jsonl"), "output_dir": str(out),
+        "method": "full", "num_crops": 1, "global_batch_size": 8, "per_device_batch_size": 8,
+        "max_steps": 6, "save_steps": 3, "logging_steps": 1, "learning_rate": 3e-3, "warmup_steps": 0,
+        "dataloader_workers": 0, "lora_rank": 8,
+    }
+    values.update(overrides)
+    return values
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def phivision_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "phivision.cli.main", *args]
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def torchrun_command(config: Path, nproc: int = 2, *args: str) -> tuple[list[str], dict]:
+    """`torchrun -m phivision.cli.main train CONFIG` on CPU processes, and its environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={29500 + os.getpid() % 1000}", "-m", "phivision.cli.main", "train", str(config), *args]
+    return command, env
+
+
+def torchrun(tmp_path: Path, config: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    command, env = torchrun_command(config, nproc)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

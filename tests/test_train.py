@@ -7,14 +7,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import run_on_two_processes
+from helpers import base_config, losses, phivision_command, run_on_two_processes, torchrun, wait_for, write_yaml
 
 from phivision.cli.main import main
 from phivision.errors import PhivisionError
@@ -34,28 +32,6 @@ def digits_data(tmp_path_factory):
         lines = (root / f"{split}.jsonl").read_text().splitlines()[:count]
         (root / f"small_{split}.jsonl").write_text("\n".join(lines) + "\n")
     return root
-
-
-def base_config(model_dir, data, out, **overrides) -> dict:
-    values = {
-        "model": str(model_dir), "train_data": str(data / "small_train.jsonl"), "output_dir": str(out),
-        "method": "full", "num_crops": 1, "global_batch_size": 8, "per_device_batch_size": 8,
-        "max_steps": 6, "save_steps": 3, "logging_steps": 1, "learning_rate": 3e-3, "warmup_steps": 0,
-        "dataloader_workers": 0, "lora_rank": 8,
-    }
-    values.update(overrides)
-    return values
-
-
-def write_yaml(path: Path, values: dict) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 # ---- configuration -------------------------------------------------------------------------
@@ -225,53 +201,7 @@ def test_too_long_sample_is_an_error_naming_the_fix(tmp_path, tiny_model_dir, di
         train(tmp_path, tiny_model_dir, digits_data, max_length=20)
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, digits_data):
-    from transformers import TrainerCallback
-
-    class Poison(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 3:
-                with torch.no_grad():
-                    model.model.norm.weight.fill_(float("nan"))
-
-    config = load_config(None, base=base_config(tiny_model_dir, digits_data, tmp_path / "run", save_steps=3))
-    with pytest.raises(PhivisionError, match=r"loss became non-finite at step 4 \(here: nan\); .*last good checkpoint is .*checkpoint-3"):
-        run_training(config, callbacks=[Poison()])
-
-
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, digits_data, monkeypatch):
-    import errno
-
-    from phivision.train.trainer import PhivisionTrainer
-
-    original = PhivisionTrainer._save_optimizer_and_scheduler
-
-    def full_disk(self, output_dir):
-        if self.state.global_step == 6:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        original(self, output_dir)
-
-    monkeypatch.setattr(PhivisionTrainer, "_save_optimizer_and_scheduler", full_disk)
-    with pytest.raises(PhivisionError, match="step 6 failed \\(No space left on device\\); the previous checkpoint .*checkpoint-3 is intact"):
-        train(tmp_path, tiny_model_dir, digits_data)
-    run = tmp_path / "run"
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3"]
-    assert not any((run / ".staging").glob("*"))
-
-
 # ---- processes -----------------------------------------------------------------------------
-
-
-def phivision_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "phivision.cli.main", *args]
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.stdout.read()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
 
 
 @pytest.mark.slow
@@ -305,14 +235,6 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tmp_path, tiny_model_dir, 
     assert process.returncode == 130, output
     checkpoints = list((tmp_path / "run").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and "--resume auto" in output
-
-
-def torchrun(tmp_path: Path, config: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_port=0" if False else f"--master_port={29500 + os.getpid() % 1000}",
-               "-m", "phivision.cli.main", "train", str(config)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.mark.slow

@@ -55,13 +55,22 @@ def train_model(
 
 
 def run(args: argparse.Namespace) -> int:
+    from phivision.train.run import is_main_process
+
     result = train_model(args.config, args.overrides, args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary for the job
-        return 130 if result.interrupted else 0
+    main = is_main_process()  # under torchrun, one summary for the job
+    if result.already_finished:
+        if main:
+            print(f"already finished: {result.global_step} steps, model in {result.model_dir}; nothing to train "
+                  "(raise max_steps or epochs to continue the run)")
+        return 0
     if result.interrupted:
         overrides = "".join(f" --set {override}" for override in args.overrides)
-        print(f"stopped at step {result.global_step}; resume with the same launcher and: "
-              f"phivision train {args.config}{overrides} --resume auto")
-        return 130
-    print(f"done: {result.global_step} steps; model in {result.model_dir}; report in {result.output_dir / 'report.md'}")
+        if main:
+            print(f"stopped at step {result.global_step}; resume with the same launcher and: "
+                  f"phivision train {args.config}{overrides} --resume auto", flush=True)
+        return 128 + result.stop_signal  # 130 after Ctrl-C (SIGINT), 143 after SIGTERM
+    if main:
+        print(f"done: {result.global_step} steps; model in {result.model_dir}; "
+              f"report in {result.output_dir / 'report.md'}")
     return 0

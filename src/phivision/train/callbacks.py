@@ -90,36 +90,51 @@ class ProgressBarCallback(TrainerCallback):
 
 
 class GracefulInterruptCallback(TrainerCallback):
-    """Ctrl-C finishes the current step, saves a checkpoint and stops; a second Ctrl-C aborts."""
+    """Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and stops.
+
+    SIGTERM is what SLURM, Kubernetes and torchrun send before they kill. A second Ctrl-C aborts at
+    once; a repeated SIGTERM (a scheduler and the launcher both forward it) changes nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.signal_number: int | None = None
+        self.previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+            if signum == signal.SIGINT and self.signal_number == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signal_number = signum
+        name = signal.Signals(signum).name
+        again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
+        print(f"\n{name}: finishing this step, saving a checkpoint, then stopping{again}", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self.previous = None
+        for number in self.SIGNALS:
+            try:
+                self.previous[number] = signal.signal(number, self._handle)
+            except ValueError:  # not the main thread
+                pass
 
     def on_step_end(self, args, state, control, **kwargs):
-        requested = self.requested
         if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([1.0 if requested else 0.0])
+            flag = torch.tensor([float(self.signal_number or 0)])
             if dist.get_backend() == "nccl":
                 flag = flag.cuda()
-            dist.all_reduce(flag)  # every rank stops at the same step
-            requested = bool(flag.item())
-        if requested:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+            self.signal_number = int(flag.item()) or None
+        if self.requested:
             control.should_save = True
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
+        self.previous = {}

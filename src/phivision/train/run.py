@@ -33,6 +33,7 @@ from phivision.train.checkpoints import (
     truncate_metrics,
 )
 from phivision.train.config import TrainConfig
+from phivision.train.resume import check_same_run, finished, record_text, run_record
 from phivision.train.methods import compute_dtype, load_for_training, trainable_summary
 from phivision.train.report import write_model_card, write_report
 from phivision.train.callbacks import GracefulInterruptCallback, MetricsFileCallback, ProgressBarCallback
@@ -56,6 +57,8 @@ class TrainResult:
     global_step: int
     interrupted: bool
     skipped_samples: int
+    stop_signal: int | None = None  # the signal an interrupted run stopped on
+    already_finished: bool = False  # resumed from a checkpoint at the end of the run: nothing trained
 
 
 def deepspeed_config_path(name: str | None) -> str | None:
@@ -175,7 +178,20 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
         single_process_rendezvous()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config.gradient_accumulation(world_size)
-    checkpoint = resolve_resume(resume, output_dir)
+    checkpoint, passed_over = resolve_resume(resume, output_dir, world_size)
+    record = run_record(config, world_size)
+    if checkpoint is not None:  # checked before anything in output_dir is rewritten
+        recorded = check_same_run(checkpoint, record)
+        step = checkpoint_step(checkpoint)
+        if finished(checkpoint, config) and (output_dir / "model").is_dir():
+            return TrainResult(None, output_dir, output_dir / "model", step, False, 0, already_finished=True)
+        if is_main_process():
+            for skipped in passed_over:
+                print(f"phivision train: {skipped}: not used")
+            if not recorded:
+                print(f"phivision train: {checkpoint} has no record of its config (saved by an older phivision): "
+                      "it cannot be checked against this one")
+            print(f"phivision train: resuming from {checkpoint} (step {step})")
     if is_main_process():
         if checkpoint is None:
             check_fresh_output(output_dir)
@@ -216,17 +232,26 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
         sample_lengths=checked.lengths,
         group_by_length=config.group_by_length,
         max_tokens_per_batch=config.max_tokens_per_batch,
+        run_record=record_text(record),
     )
     for callback in callbacks or []:
         if hasattr(callback, "attach"):
             callback.attach(trainer)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None and finished(checkpoint, config):  # ended before its model/ was written
+        if trainer.is_deepspeed_enabled:
+            raise PhivisionError(f"{checkpoint} is the end of the run but {output_dir} has no model/, and under "
+                                 f"DeepSpeed it is not rebuilt from a checkpoint: the weights are in {checkpoint}")
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state.global_step = step
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     if interrupt.requested:
         if is_main_process():
             clear_staging(output_dir)
-        return TrainResult(trainer.model, output_dir, None, trainer.state.global_step, True, checked.skipped)
+        return TrainResult(trainer.model, output_dir, None, trainer.state.global_step, True, checked.skipped,
+                           stop_signal=interrupt.signal_number)
     model_dir = output_dir / "model"
     save_final(trainer, processor, config, model_dir)
     if is_main_process():

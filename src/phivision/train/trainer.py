@@ -6,6 +6,7 @@ DDP, DeepSpeed, mixed precision, checkpoint contents and resume) is the Trainer'
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from transformers.trainer_utils import rotate_checkpoints
 from phivision.data.sampler import EpochShuffleSampler, TokenBudgetBatchSampler
 from phivision.errors import PhivisionError
 from phivision.model.modeling import supervised_positions
-from phivision.train.checkpoints import complete_checkpoints, disk_error, publish, staging_dir
+from phivision.train.checkpoints import complete_checkpoints, disk_error, publish, staging_dir, write_failure
+from phivision.train.resume import RUN_RECORD
 
 
-def finite_everywhere(loss: torch.Tensor) -> bool:
-    """True when no process's loss is NaN or infinite: every rank stops at the same step, or none does."""
-    non_finite = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+def finite_everywhere(values: torch.Tensor) -> bool:
+    """True when no process's values are NaN or infinite: every rank stops at the same step, or none does."""
+    non_finite = (~torch.isfinite(values.detach())).any().float().reshape(1)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(non_finite)
     return non_finite.item() == 0
@@ -46,9 +48,11 @@ class PhivisionTrainer(Trainer):
     _eval_totals: torch.Tensor | None = None
 
     def __init__(self, *args, sample_lengths: list[int] | None = None, group_by_length: bool = False,
-                 max_tokens_per_batch: int | None = None, **kwargs):
-        """`sample_lengths` (tokens per training sample) serve length grouping and token budgets."""
+                 max_tokens_per_batch: int | None = None, run_record: str | None = None, **kwargs):
+        """`sample_lengths` (tokens per training sample) serve length grouping and token budgets;
+        `run_record` (the resolved config) is written into every checkpoint."""
         super().__init__(*args, **kwargs)
+        self.run_record = run_record
         self.sample_lengths = sample_lengths
         self.group_by_length = group_by_length
         self.max_tokens_per_batch = max_tokens_per_batch
@@ -85,13 +89,33 @@ class PhivisionTrainer(Trainer):
         self._tokens += int(inputs["input_ids"].numel() if "attention_mask" not in inputs else inputs["attention_mask"].sum())
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not finite_everywhere(loss):
-            previous = complete_checkpoints(self.args.output_dir)
-            kept = f"the last good checkpoint is {previous[-1]}" if previous else "no checkpoint was saved yet"
-            raise PhivisionError(
-                f"the loss became non-finite at step {self.state.global_step + 1} (here: {loss.item()}); "
-                f"stopped, {kept}. Lower learning_rate, or use bf16/fp32 instead of fp16"
-            )
+            raise self._non_finite(f"the loss became non-finite at step {self.state.global_step + 1} "
+                                   f"(here: {loss.item()})")
         return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """A non-finite gradient norm stops the run before the optimizer writes it into the weights.
+
+        Under fp16 the loss scaler skips such a step and lowers its scale: that is its normal work.
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and not self.args.fp16:
+            norm = torch.as_tensor(grad_norm, dtype=torch.float32).to(self.args.device)
+            if not finite_everywhere(norm):
+                raise self._non_finite(f"the gradient norm became non-finite at step {self.state.global_step + 1} "
+                                       f"(here: {norm.item()})")
+        return grad_norm
+
+    def _non_finite(self, what: str) -> PhivisionError:
+        previous = complete_checkpoints(self.args.output_dir)
+        kept = f"the last good checkpoint is {previous[-1]}" if previous else "no good checkpoint was saved yet"
+        hint = "Lower learning_rate, or use bf16/fp32 instead of fp16" if self.args.fp16 else "Lower learning_rate"
+        return PhivisionError(f"{what}; stopped, {kept}. {hint}")
+
+    def _weights_finite(self, model) -> bool:
+        trainable = [p.detach() for p in model.parameters() if p.requires_grad and p.numel()]
+        finite = all(bool(torch.isfinite(p).all()) for p in trainable)
+        return finite_everywhere(torch.tensor(0.0 if finite else float("nan"), device=self.args.device))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -154,18 +178,28 @@ class PhivisionTrainer(Trainer):
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write into a staging folder, then rename into place once every process is done."""
+        """Write into a staging folder, then rename into place once every process is done.
+
+        Weights that are no longer finite are never published: the last published checkpoint stays
+        the last good one.
+        """
+        if not self._weights_finite(model):
+            raise self._non_finite(f"the weights became non-finite by step {self.state.global_step}, "
+                                   f"checkpoint-{self.state.global_step} was not saved")
         name = f"checkpoint-{self.state.global_step}"
         staged = staging_dir(self.args.output_dir) / name
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as error:
+            if self.args.should_save and self.run_record is not None:
+                (staged / RUN_RECORD).write_text(self.run_record)
+        except Exception as error:
+            reason = write_failure(error, self.args.output_dir)
+            if reason is None:
+                raise
             if self.args.should_save:
-                import shutil
-
                 shutil.rmtree(staged, ignore_errors=True)
-            raise disk_error(self.state.global_step, self.args.output_dir, error) from None
+            raise disk_error(self.state.global_step, self.args.output_dir, reason) from None
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()
@@ -178,3 +212,17 @@ class PhivisionTrainer(Trainer):
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """A run resumed with a new length follows the schedule for that length from its first step.
+
+        The optimizer's saved learning rate is the old schedule's value (0 at the end of a linear one).
+        """
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
