@@ -33,6 +33,7 @@ from phivision.train.checkpoints import (
     truncate_metrics,
 )
 from phivision.train.config import TrainConfig
+from phivision.train.lock import holds_output_lock
 from phivision.train.methods import compute_dtype, load_for_training, trainable_summary
 from phivision.train.report import write_report
 from phivision.train.callbacks import GracefulInterruptCallback, MetricsFileCallback, ProgressBarCallback
@@ -145,6 +146,7 @@ def training_arguments(config: TrainConfig, world_size: int) -> TrainingArgument
     )
 
 
+@holds_output_lock
 def run_training(config: TrainConfig, resume: str | None = None, callbacks: list | None = None) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
