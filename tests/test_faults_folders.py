@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_train import base_config, digits_data, phivision_command, wait_for, write_yaml  # noqa: F401 (fixture)
+from test_train import base_config, digits_data, phivision_command, torchrun, wait_for, write_yaml  # noqa: F401
 
 LOCK_NAME = ".lock"  # the lock file a user may be told to delete
 
@@ -93,6 +93,16 @@ def test_a_lock_from_another_host_is_refused_saying_how_to_remove_it(tmp_path, t
     error = one_line_error(completed, "train")
     assert "another machine (pid 1234 on node-elsewhere" in error and f"delete {lock}" in error
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME]  # nothing written
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_refusal_by_rank_0_stops_every_rank(tmp_path, tiny_model_dir, digits_data):
+    write_lock(tmp_path / "run", socket.gethostname(), os.getpid())
+    config = train_config(tmp_path, tiny_model_dir, digits_data, per_device_batch_size=2, max_steps=2)
+    completed = torchrun(tmp_path, config)  # would time out if rank 1 waited for rank 0 forever
+    assert completed.returncode != 0
+    assert f"is in use by another run (pid {os.getpid()}" in completed.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME]
 
 
 def test_the_lock_is_released_when_training_fails(tmp_path, tiny_model_dir, digits_data):
