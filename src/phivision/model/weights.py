@@ -150,7 +150,7 @@ def share_like_umask(folder: str | Path) -> None:
     checkpoint but not its weights.
     """
     mode = 0o666 & ~current_umask()
-    for path in Path(folder).rglob("*.safetensors"):
+    for path in Path(folder).glob("*.safetensors"):
         if path.is_file() and not path.is_symlink():
             path.chmod(mode)
 
