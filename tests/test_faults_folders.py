@@ -69,20 +69,26 @@ def test_a_second_run_into_a_busy_folder_refuses_naming_the_first(tmp_path, tiny
     assert not (tmp_path / "run" / LOCK_NAME).exists()  # released on Ctrl-C
 
 
-def write_lock(folder: Path, host: str, pid: int) -> Path:
+def write_lock(folder: Path, host: str, pid: int, created: float | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    path.write_text(json.dumps({"host": host, "pid": pid, "started": "2026-01-01 00:00:00 UTC"}))
+    holder = {"host": host, "pid": pid, "started": "2026-01-01 00:00:00 UTC"}
+    path.write_text(json.dumps(holder if created is None else {**holder, "created": created}))
     return path
 
 
-def test_a_lock_left_by_a_dead_run_on_this_host_is_taken_over(tmp_path, tiny_model_dir, digits_data):
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    write_lock(tmp_path / "run", socket.gethostname(), gone.pid)
+@pytest.mark.parametrize("holder", ["dead pid", "pid reused since"])
+def test_a_lock_left_by_a_dead_run_on_this_host_is_taken_over(tmp_path, tiny_model_dir, digits_data, holder):
+    if holder == "dead pid":
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        pid, created = gone.pid, None
+    else:  # e.g. a restarted container: same host name, the pid now belongs to a newer process (this one)
+        pid, created = os.getpid(), 1_000_000_000.0
+    write_lock(tmp_path / "run", socket.gethostname(), pid, created)
     completed = phivision("train", str(train_config(tmp_path, tiny_model_dir, digits_data, max_steps=1)))
     assert completed.returncode == 0, completed.stderr
-    assert f"taking over the lock of a run that is gone (pid {gone.pid}" in completed.stderr
+    assert f"taking over the lock of a run that is gone (pid {pid}" in completed.stderr
     assert (tmp_path / "run" / "model").is_dir()
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 

@@ -26,13 +26,32 @@ LOCK_NAME = ".lock"
 T = TypeVar("T")
 
 
-def _alive(pid: int) -> bool:
+def _started_at(pid: int) -> float | None:
+    """When process `pid` started (Linux /proc), or None where that cannot be read."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _holder_alive(holder: dict) -> bool:
+    """The holder's pid runs and is the process that took the lock, not a later one given the same pid
+    (a restarted container keeps its host name and hands out the same small pids)."""
+    pid = int(holder["pid"])
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
-        return True
+        pass
+    created, started = holder.get("created"), _started_at(pid)
+    if isinstance(created, (int, float)) and started is not None:
+        return started <= created + 1  # a second of slack for the clocks' granularity
     return True
 
 
@@ -50,8 +69,8 @@ def _create(path: Path) -> bool:
         descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except FileExistsError:
         return False
-    holder = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "created": time.time(), "command": " ".join(sys.argv)}
     with os.fdopen(descriptor, "w") as file:
         json.dump(holder, file)
     return True
@@ -72,7 +91,7 @@ def acquire(output_dir: str | Path) -> Path:
     if holder["host"] != socket.gethostname():
         raise PhivisionError(f"output_dir {output_dir} is in use by a run on another machine ({described}): "
                              f"if that run is gone, delete {path}; else choose another output_dir")
-    if _alive(int(holder["pid"])):
+    if _holder_alive(holder):
         raise PhivisionError(f"output_dir {output_dir} is in use by another run ({described}): wait for it to "
                              "end, or choose another output_dir")
     print(f"phivision train: taking over the lock of a run that is gone ({described})", file=sys.stderr)
