@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from phivision.errors import PhivisionError
 from phivision.model.config import Phi3VConfig
 from phivision.model.modeling import Phi3VForCausalLM
 from phivision.model.tiny import random_model
-from phivision.errors import PhivisionError
 from phivision.model.weights import has_weights, save_model
 from phivision.processing.processor import Phi3VProcessor
 from phivision.processing.tokenizer import Phi3Tokenizer
