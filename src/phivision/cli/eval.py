@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from phivision.cli.options import positive_int
 from phivision.cli.predict import CROPS_HELP
@@ -30,9 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from phivision.cli.distributed import init_distributed
+    from phivision.errors import PhivisionError
     from phivision.evaluate.evaluation import evaluate_dataset
     from phivision.evaluate.generate import inference_processor, load_for_inference
+    from phivision.model.weights import check_model_folder
 
+    if args.out and os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise PhivisionError(f"--out {args.out} is a file: --out names a folder for predictions.jsonl and "
+                             "metrics.json; choose a folder")
+    check_model_folder(args.model)
     if not args.allow_duplicate_ids:
         from phivision.data.format import JsonlDataset
         from phivision.data.validate import check_unique_ids

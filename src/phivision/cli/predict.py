@@ -29,10 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from phivision.evaluate.generate import generate, inference_processor, load_for_inference
+    from phivision.model.weights import check_model_folder
     from phivision.processing.images import load_image
     from phivision.processing.processor import ChatTurn
     from phivision.processing.video import load_frames
 
+    check_model_folder(args.model)
     images = [load_image(path) for path in args.image]
     names = list(args.image)
     if args.video:

@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     token_counter = None
     if args.model is not None:
         from phivision.data.dataset import build_token_counter
+        from phivision.model.weights import check_model_folder
 
+        check_model_folder(args.model)
         token_counter = build_token_counter(args.model, args.num_crops, args.data, args.image_root)
     report = validate_file(
         args.data,

@@ -15,7 +15,7 @@ from torch import nn
 from phivision.data.collate import Collator
 from phivision.data.dataset import ConversationDataset
 from phivision.errors import PhivisionError
-from phivision.model.weights import load_model, resolve_dtype
+from phivision.model.weights import check_model_folder, load_model, resolve_dtype
 from phivision.processing.folder import save_model_folder
 from phivision.processing.processor import ChatTurn, Encoded, Phi3VProcessor
 
@@ -95,10 +95,15 @@ def logits_on(model, processor: Phi3VProcessor, encoding: Encoded) -> torch.Tens
     return model(**batch).logits.float()
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, precision: str = "bf16") -> float:
+def export_run(run_dir: str | Path, out_dir: str | Path, precision: str = "bf16", overwrite: bool = False) -> float:
     """Write the merged checkpoint; returns the max |logit difference| after reloading it."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run = read_run(run_dir)
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        base = " (it is the run's base model)" if out_dir.resolve() == Path(run["model"]).resolve() else ""
+        raise PhivisionError(f"--out {out_dir} is not empty{base}: choose a new folder, or pass --overwrite "
+                             "to write into it")
+    check_model_folder(run["model"])
     resolve_dtype(precision)
     # The training processor: the base's geometry and tokenizer with the run's crops (a LoRA run's
     # model/ folder holds the adapter and processor files but no config.json to read geometry from).

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from phivision.errors import PhivisionError
 from phivision.model.config import Phi3VConfig
 from phivision.model.modeling import Phi3VForCausalLM
 from phivision.model.tiny import random_model
-from phivision.model.weights import save_model
+from phivision.model.weights import has_weights, save_model
 from phivision.processing.processor import PREPROCESSOR_FILE, Phi3VProcessor
 from phivision.processing.tokenizer import Phi3Tokenizer
 
@@ -106,8 +107,13 @@ def processor_for(config: Phi3VConfig, tokenizer: Phi3Tokenizer, num_crops: int)
     return Phi3VProcessor(tokenizer, num_crops=num_crops, crop_size=config.crop_size, merged_grid=config.merged_grid)
 
 
-def write_random_model(folder: str | Path, preset: str = "tiny", num_crops: int = 4, seed: int = 0) -> Path:
-    """A complete random-weight folder with the real Phi-3 vocabulary."""
+def write_random_model(folder: str | Path, preset: str = "tiny", num_crops: int = 4, seed: int = 0,
+                       overwrite: bool = False) -> Path:
+    """A complete random-weight folder with the real Phi-3 vocabulary; existing weights only with `overwrite`."""
+    existing = has_weights(folder)
+    if existing and not overwrite:
+        raise PhivisionError(f"{folder} already holds weights ({', '.join(existing)}): choose another folder, "
+                             "or pass --overwrite to replace them")
     model = random_model(preset, seed=seed)
     save_model_folder(model, processor_for(model.config, Phi3Tokenizer.bundled(), num_crops), folder)
     return Path(folder)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -264,3 +265,49 @@ def validate(config: TrainConfig) -> None:
         )
     if config.eval_steps is not None and not config.eval_data:
         raise ConfigError("eval_steps is set but eval_data is not: give eval_data or drop eval_steps")
+
+
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def optimiser_steps(config: TrainConfig, samples: int, world_size: int) -> int:
+    """Optimiser steps the Trainer will make (an upper bound under a token budget, which packs more per batch)."""
+    if config.max_steps > 0:
+        return config.max_steps
+    micro_batches = math.ceil(math.ceil(samples / config.per_device_batch_size) / world_size)
+    per_epoch = max(math.ceil(micro_batches / config.gradient_accumulation(world_size)), 1)
+    return math.ceil(config.epochs * per_epoch)
+
+
+def check_schedule(config: TrainConfig, samples: int, world_size: int) -> list[str]:
+    """Warnings (each naming its fix) for a config that trains less than it seems to, once the data size is known.
+
+    A run whose every step is taken at learning rate 0 (warm-up starts at 0) would learn nothing
+    and still report the configured rate: that is an error.
+    """
+    steps = optimiser_steps(config, samples, world_size)
+    if config.warmup_steps > 0 and steps == 1:
+        reason = ("max_steps=1" if config.max_steps > 0 else
+                  f"{samples} samples, global_batch_size={config.global_batch_size}, epochs={config.epochs:g}")
+        raise ConfigError(
+            f"this run makes 1 optimiser step ({reason}) and warm-up takes it at learning rate 0 "
+            f"(warmup_steps={config.warmup_steps}), so nothing would be learned: set warmup_steps: 0, or make more "
+            "steps (lower global_batch_size, raise epochs or max_steps)"
+        )
+    warnings = []
+    if config.warmup_steps >= steps:
+        warnings.append(f"warmup_steps={config.warmup_steps} is not shorter than the run ({steps} optimiser steps): "
+                        f"the learning rate never reaches {config.resolved_learning_rate:g}; lower warmup_steps "
+                        "(about a tenth of the steps is usual)")
+    if samples < config.global_batch_size:
+        warnings.append(f"the {samples} training samples are fewer than one global batch "
+                        f"(global_batch_size={config.global_batch_size}): each epoch is a single optimiser step; "
+                        "lower global_batch_size")
+    if config.eval_data and not config.eval_steps:
+        warnings.append("eval_data is set but eval_steps is not, so it is never evaluated: set eval_steps")
+    if config.method not in ("lora", "qlora"):
+        set_keys = [key for key in LORA_KEYS if getattr(config, key) != FIELDS[key].default]
+        if set_keys:
+            warnings.append(f"{', '.join(set_keys)} only apply to method lora or qlora, not {config.method}: "
+                            "drop them or change method")
+    return warnings

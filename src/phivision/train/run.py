@@ -12,6 +12,7 @@ Output folder layout:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -23,6 +24,7 @@ import torch
 from phivision.data.collate import Collator
 from phivision.data.dataset import ConversationDataset, check_dataset
 from phivision.errors import PhivisionError
+from phivision.model.weights import check_model_folder
 from phivision.processing.folder import complete_model_folder, save_model_folder
 from phivision.processing.processor import Phi3VProcessor
 from phivision.train.checkpoints import (
@@ -32,7 +34,8 @@ from phivision.train.checkpoints import (
     resolve_resume,
     truncate_metrics,
 )
-from phivision.train.config import TrainConfig
+from phivision.train.config import TrainConfig, check_schedule
+from phivision.train.lock import holds_output_lock
 from phivision.train.resume import check_same_run, finished, record_text, run_record
 from phivision.train.methods import compute_dtype, load_for_training, trainable_summary
 from phivision.train.report import write_model_card, write_report
@@ -168,6 +171,7 @@ def training_arguments(config: TrainConfig, world_size: int) -> TrainingArgument
     )
 
 
+@holds_output_lock
 def run_training(config: TrainConfig, resume: str | None = None, callbacks: list | None = None) -> TrainResult:
     """Train from a checked config: data checks, model, Trainer, checkpoints and `output_dir/model`."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -199,6 +203,7 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
         clear_staging(output_dir)
         truncate_metrics(output_dir / "metrics.jsonl", checkpoint_step(checkpoint) if checkpoint else 0)
         (output_dir / "config.yaml").write_text(config.to_yaml())
+    check_model_folder(config.model)
     processor = Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
     checked = on_main_process(lambda: check_dataset(
         config.train_data, processor, config.train_image_root, config.max_length,
@@ -207,6 +212,9 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
     train_set = ConversationDataset(
         config.train_data, processor, config.train_image_root, config.train_on, checked.indices, checked.lengths
     )
+    warnings = check_schedule(config, len(train_set), world_size)
+    for warning in warnings if is_main_process() else []:
+        print(f"phivision train: warning: {warning}", file=sys.stderr)
     eval_set = None
     if config.eval_data and config.eval_steps:
         eval_checked = on_main_process(lambda: check_dataset(

@@ -19,6 +19,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from phivision.data.sampler import EpochShuffleSampler, TokenBudgetBatchSampler
 from phivision.errors import PhivisionError
 from phivision.model.modeling import supervised_positions
+from phivision.model.weights import share_like_umask
 from phivision.train.checkpoints import complete_checkpoints, disk_error, publish, staging_dir, write_failure
 from phivision.train.resume import RUN_RECORD
 
@@ -176,6 +177,12 @@ class PhivisionTrainer(Trainer):
         if self._staging:
             return str(staging_dir(self.args.output_dir))
         return super()._get_output_dir(trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints and adapters are readable by whoever may read the folder (see share_like_umask)."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            share_like_umask(output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write into a staging folder, then rename into place once every process is done.
