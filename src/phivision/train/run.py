@@ -177,6 +177,7 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     output_dir = Path(config.output_dir)
+    check_model_folder(config.model)  # a broken folder is one line before any work or write
     check_reporters(config.report_to)
     if config.deepspeed:
         single_process_rendezvous()
@@ -203,7 +204,6 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
         clear_staging(output_dir)
         truncate_metrics(output_dir / "metrics.jsonl", checkpoint_step(checkpoint) if checkpoint else 0)
         (output_dir / "config.yaml").write_text(config.to_yaml())
-    check_model_folder(config.model)
     processor = Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
     checked = on_main_process(lambda: check_dataset(
         config.train_data, processor, config.train_image_root, config.max_length,
