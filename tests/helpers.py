@@ -12,6 +12,7 @@ import importlib.util
 import io
 import json
 import socket
+import sys
 from pathlib import Path
 
 import av
@@ -160,3 +161,35 @@ def write_mixed_data(digits: Path, folder: Path) -> Path:
     path = folder / "mixed.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
+
+
+# ---- training configs and runs as a user starts them ---------------------------------------
+
+
+def base_config(model_dir, data, out, **overrides) -> dict:
+    values = {
+        "model": str(model_dir), "train_data": str(data / "small_train.jsonl"), "output_dir": str(out),
+        "method": "full", "num_crops": 1, "global_batch_size": 8, "per_device_batch_size": 8,
+        "max_steps": 6, "save_steps": 3, "logging_steps": 1, "learning_rate": 3e-3, "warmup_steps": 0,
+        "dataloader_workers": 0, "lora_rank": 8,
+    }
+    values.update(overrides)
+    return values
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def tensors(folder: Path) -> dict:
+    """The weights of a single-file model folder, by official key name."""
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def phivision_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "phivision.cli.main", *args]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import run_on_two_processes
+from helpers import base_config, phivision_command, run_on_two_processes, tensors, write_yaml
 
 from phivision.cli.main import main
 from phivision.errors import PhivisionError
@@ -32,24 +32,6 @@ def digits_data(tmp_path_factory):
         lines = (root / f"{split}.jsonl").read_text().splitlines()[:count]
         (root / f"small_{split}.jsonl").write_text("\n".join(lines) + "\n")
     return root
-
-
-def base_config(model_dir, data, out, **overrides) -> dict:
-    values = {
-        "model": str(model_dir), "train_data": str(data / "small_train.jsonl"), "output_dir": str(out),
-        "method": "full", "num_crops": 1, "global_batch_size": 8, "per_device_batch_size": 8,
-        "max_steps": 6, "save_steps": 3, "logging_steps": 1, "learning_rate": 3e-3, "warmup_steps": 0,
-        "dataloader_workers": 0, "lora_rank": 8,
-    }
-    values.update(overrides)
-    return values
-
-
-def write_yaml(path: Path, values: dict) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(values))
-    return path
 
 
 def losses(out: Path) -> list[float]:
@@ -123,10 +105,6 @@ def test_gradient_checkpointing_defaults_on_for_qlora_only(tmp_path, tiny_model_
 def train(tmp_path, model_dir, data, **overrides):
     config = load_config(None, base=base_config(model_dir, data, tmp_path / "run", **overrides))
     return run_training(config)
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
 
 
 def test_full_fine_tuning_learns_and_writes_the_official_layout(tmp_path, tiny_model_dir, digits_data):
@@ -258,10 +236,6 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_mod
 
 
 # ---- processes -----------------------------------------------------------------------------
-
-
-def phivision_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "phivision.cli.main", *args]
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -439,22 +413,3 @@ def _finite_on_rank(rank: int, port: int, results) -> None:
 @pytest.mark.slow
 def test_a_non_finite_loss_on_one_process_stops_every_process():
     assert run_on_two_processes(_finite_on_rank) == {0: (True, False), 1: (True, False)}
-
-
-def _check_on_rank(rank: int, port: int, results) -> None:
-    import torch.distributed as dist
-
-    from phivision.train.run import on_main_process
-
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    calls = []
-    try:
-        results[rank] = (on_main_process(lambda: calls.append(rank) or f"checked by rank {rank}"), calls)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_the_data_check_runs_once_on_rank_0_and_every_rank_gets_its_result():
-    assert run_on_two_processes(_check_on_rank) == {0: ("checked by rank 0", [0]), 1: ("checked by rank 0", [])}

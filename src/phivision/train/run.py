@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from phivision.data.collate import Collator
-from phivision.data.dataset import ConversationDataset, check_dataset
+from phivision.data.dataset import CheckedData, ConversationDataset, check_dataset, measure_samples
 from phivision.errors import PhivisionError
 from phivision.processing.folder import save_model_folder
 from phivision.processing.processor import Phi3VProcessor
@@ -84,23 +84,41 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def on_main_process(work: Callable[[], T]) -> T:
-    """`work` done once, on rank 0, and its result handed to every rank.
+def join_process_group(timeout_s: int) -> None:
+    """The group the Trainer's accelerator finds and keeps, with `ddp_timeout` instead of NCCL's 10 minutes."""
+    from datetime import timedelta
 
-    The up-front data check decodes every image: N ranks would decode each one N times. If rank 0
-    fails, torchrun stops the waiting ranks.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return work()
     import torch.distributed as dist
 
-    if not dist.is_initialized():  # the Trainer's accelerator finds and keeps this group
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    result = [work() if is_main_process() else None]
-    dist.broadcast_object_list(result, src=0)
-    return result[0]
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def in_parts(work: Callable[[int, int], list[T]], timeout_s: int) -> list[T]:
+    """`work(part, parts)` on every rank for its share; every rank gets all shares joined in rank order.
+
+    N ranks check the data N times faster than one, and each gets the result one process would.
+    If a rank dies, torchrun stops the waiting ranks.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return work(0, 1)
+    import torch.distributed as dist
+
+    join_process_group(timeout_s)
+    shares: list = [None] * world_size
+    dist.all_gather_object(shares, work(dist.get_rank(), world_size))
+    return [item for share in shares for item in share]
+
+
+def checked_data(config: TrainConfig, processor: Phi3VProcessor, path: str, image_root: str | None) -> CheckedData:
+    measured = in_parts(lambda part, parts: measure_samples(path, processor, image_root, config.max_length,
+                                                            config.train_on, part, parts), config.ddp_timeout)
+    return check_dataset(path, processor, image_root, config.max_length, config.skip_invalid, config.skip_too_long,
+                         config.train_on, measured)
 
 
 def training_arguments(config: TrainConfig, world_size: int) -> TrainingArguments:
@@ -140,6 +158,7 @@ def training_arguments(config: TrainConfig, world_size: int) -> TrainingArgument
         report_to=config.report_to or "none",
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
+        ddp_timeout=config.ddp_timeout,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
@@ -162,19 +181,13 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
         truncate_metrics(output_dir / "metrics.jsonl", checkpoint_step(checkpoint) if checkpoint else 0)
         (output_dir / "config.yaml").write_text(config.to_yaml())
     processor = Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
-    checked = on_main_process(lambda: check_dataset(
-        config.train_data, processor, config.train_image_root, config.max_length,
-        config.skip_invalid, config.skip_too_long, config.train_on,
-    ))
+    checked = checked_data(config, processor, config.train_data, config.train_image_root)
     train_set = ConversationDataset(
         config.train_data, processor, config.train_image_root, config.train_on, checked.indices, checked.lengths
     )
     eval_set = None
     if config.eval_data and config.eval_steps:
-        eval_checked = on_main_process(lambda: check_dataset(
-            config.eval_data, processor, config.eval_image_root, config.max_length,
-            config.skip_invalid, config.skip_too_long, config.train_on,
-        ))
+        eval_checked = checked_data(config, processor, config.eval_data, config.eval_image_root)
         limit = config.eval_samples or len(eval_checked.indices)
         eval_set = ConversationDataset(config.eval_data, processor, config.eval_image_root, config.train_on,
                                        eval_checked.indices[:limit], eval_checked.lengths[:limit])
