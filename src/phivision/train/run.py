@@ -12,7 +12,9 @@ Output folder layout:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,6 +32,7 @@ from phivision.train.checkpoints import (
     checkpoint_step,
     clear_staging,
     resolve_resume,
+    staging_dir,
     truncate_metrics,
 )
 from phivision.train.config import TrainConfig
@@ -226,16 +229,60 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
 def save_final(trainer, processor: Phi3VProcessor, config: TrainConfig, model_dir: Path) -> None:
     """Official layout for full weights (bf16 when trained in bf16), or the adapter; processor files.
 
-    Only ZeRO-3 partitions the weights themselves: they are gathered by the Trainer's own save.
+    Written into the staging folder and renamed into place like a checkpoint, so `model/` is whole
+    or absent (an earlier run's `model/` stays whole until the new one replaces it). ZeRO-3
+    partitions the weights themselves: they are gathered onto rank 0 first and saved the same way.
     """
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if config.method in ("lora", "qlora") or zero3:
-        trainer.save_model(str(model_dir))
+    staged = staging_dir(model_dir.parent) / model_dir.name
+    if is_main_process():
+        shutil.rmtree(staged, ignore_errors=True)
+    try:
+        if config.method in ("lora", "qlora"):
+            trainer.save_model(str(staged))
+            if is_main_process():
+                (staged / "training_args.bin").unlink(missing_ok=True)
+                processor.save_pretrained(staged)
+        else:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+            weights = trainer.accelerator.get_state_dict(trainer.model_wrapped) if zero3 else None
+            if is_main_process():
+                precision = "bf16" if compute_dtype(config) == torch.bfloat16 else None
+                with weights_in_place(model, weights):
+                    save_model_folder(model, processor, staged, precision)
+    except OSError as error:
         if is_main_process():
-            (model_dir / "training_args.bin").unlink(missing_ok=True)
-            processor.save_pretrained(model_dir)
-    elif is_main_process():
-        precision = "bf16" if compute_dtype(config) == torch.bfloat16 else None
-        save_model_folder(model, processor, model_dir, precision)
+            shutil.rmtree(staged, ignore_errors=True)
+        raise PhivisionError(f"saving the final model to {model_dir} failed ({error.strerror or error}); "
+                             "the checkpoints are intact: free disk space and run again with --resume auto") from None
     trainer.accelerator.wait_for_everyone()
+    if is_main_process():
+        replace_folder(staged, model_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
+@contextmanager
+def weights_in_place(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """The model holding the full `weights` (ZeRO-3's gathered state dict) while it is saved; None: as it is."""
+    if weights is None:
+        yield
+        return
+    entries = model.state_dict(keep_vars=True)
+    partitioned = {name: tensor.data for name, tensor in entries.items()}
+    for name, tensor in entries.items():
+        tensor.data = weights[name]
+    try:
+        yield
+    finally:
+        for name, tensor in entries.items():
+            tensor.data = partitioned[name]
+
+
+def replace_folder(staged: Path, final: Path) -> None:
+    """`final` is the old folder or the new one at every instant: the old one is renamed aside, then deleted."""
+    aside = staged.with_name(f"{staged.name}.replaced")
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.exists():
+        final.rename(aside)
+    staged.rename(final)
+    shutil.rmtree(aside, ignore_errors=True)
