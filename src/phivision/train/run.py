@@ -95,9 +95,22 @@ def join_process_group(timeout_s: int) -> None:
 
     if dist.is_initialized():
         return
+    check_elastic_launch()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def check_elastic_launch() -> None:
+    """Restarted processes that share torchrun's own store find the killed ones' addresses there (torch 2.x:
+    the static rendezvous keeps one store; c10d shares it unless told not to) and wait for them until the timeout."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise PhivisionError(
+            f"torchrun --max-restarts={restarts} needs --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT and "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment; otherwise a restart hangs until "
+            "ddp_timeout (see README, Several nodes)"
+        )
 
 
 def in_parts(work: Callable[[int, int], list[T]], timeout_s: int) -> list[T]:
