@@ -72,7 +72,8 @@ def build_token_counter(model_dir: str | Path, num_crops: int | None, data: str 
     """Exact training length of a sample, for `phivision validate --model`."""
     processor = Phi3VProcessor.from_pretrained(model_dir, num_crops=num_crops)
     root = Path(image_root) if image_root else default_image_root(data)
-    return lambda sample: sample_length(sample, root, processor)
+    known_sizes: dict[Path, tuple[int, int]] = {}
+    return lambda sample: sample_length(sample, root, processor, "all", known_sizes)
 
 
 class SampleError(PhivisionError):
