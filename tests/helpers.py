@@ -219,6 +219,13 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+def tensors(folder: Path) -> dict:
+    """The weights of a single-file model folder, by official key name."""
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
 def phivision_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "phivision.cli.main", *args]
 

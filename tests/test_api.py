@@ -7,7 +7,6 @@ import inspect
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers import code_blocks, readme_text, run_cli

@@ -6,13 +6,23 @@ import json
 import os
 import shutil
 import signal
+import sys
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import base_config, losses, phivision_command, run_on_two_processes, torchrun, wait_for, write_yaml
+from helpers import (
+    base_config,
+    losses,
+    phivision_command,
+    run_on_two_processes,
+    tensors,
+    torchrun,
+    wait_for,
+    write_yaml,
+)
 
 from phivision.cli.main import main
 from phivision.errors import PhivisionError
@@ -101,10 +111,6 @@ def test_gradient_checkpointing_defaults_on_for_qlora_only(tmp_path, tiny_model_
 def train(tmp_path, model_dir, data, **overrides):
     config = load_config(None, base=base_config(model_dir, data, tmp_path / "run", **overrides))
     return run_training(config)
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
 
 
 def test_full_fine_tuning_learns_and_writes_the_official_layout(tmp_path, tiny_model_dir, digits_data):
@@ -412,22 +418,3 @@ def _finite_on_rank(rank: int, port: int, results) -> None:
 @pytest.mark.slow
 def test_a_non_finite_loss_on_one_process_stops_every_process():
     assert run_on_two_processes(_finite_on_rank) == {0: (True, False), 1: (True, False)}
-
-
-def _check_on_rank(rank: int, port: int, results) -> None:
-    import torch.distributed as dist
-
-    from phivision.train.run import on_main_process
-
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    calls = []
-    try:
-        results[rank] = (on_main_process(lambda: calls.append(rank) or f"checked by rank {rank}"), calls)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_the_data_check_runs_once_on_rank_0_and_every_rank_gets_its_result():
-    assert run_on_two_processes(_check_on_rank) == {0: ("checked by rank 0", [0]), 1: ("checked by rank 0", [])}

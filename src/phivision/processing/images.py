@@ -8,6 +8,8 @@ multiple of the crop size, and every tile is normalised with the CLIP mean and s
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +23,39 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, with one clear error for a missing, corrupt or empty file."""
-    path = Path(path)
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """PIL's image at `path`, with one clear error for a missing, corrupt, empty or oversized file."""
     if not path.is_file():
         raise PhivisionError(f"image {path} does not exist")
     if path.stat().st_size == 0:
         raise PhivisionError(f"image {path} is an empty file")
     try:
         with Image.open(path) as image:
-            image.load()
-            return to_rgb(image, name=f"image {path}")
+            yield image
     except Image.DecompressionBombError:
         raise PhivisionError(f"image {path} has too many pixels to open safely; downscale it (the model sees "
                              "at most 16 crops of 336 pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise PhivisionError(f"image {path} cannot be decoded ({error}); re-export or remove it") from None
+        raise PhivisionError(f"image {path} cannot be decoded ({error}); re-export or remove it "
+                             "(`phivision validate` decodes every image)") from None
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, pixels as stored (no EXIF rotation, like the official recipe's `Image.open`)."""
+    with _opened(Path(path)) as image:
+        image.load()
+        return to_rgb(image, name=f"image {path}")
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of what `load_image` returns, read from the file's header without decoding.
+
+    `load_image` applies no EXIF orientation, so the stored size is the size; a file truncated
+    after its header passes here and fails when training loads it (`phivision validate` decodes).
+    """
+    with _opened(Path(path)) as image:
+        return image.size
 
 
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")

@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 42
     deepspeed: str | None = None
     dataloader_workers: int | None = None
+    ddp_timeout: int = 1800
     report_to: list[str] = field(default_factory=list)
     per_method: dict | None = None
 
@@ -231,7 +232,7 @@ def validate(config: TrainConfig) -> None:
     if isinstance(config.learning_rate, str) and config.learning_rate != "auto":
         raise ConfigError(f"learning_rate must be a number or 'auto', got {config.learning_rate!r}")
     positive = ["num_crops", "global_batch_size", "per_device_batch_size", "lora_rank", "save_steps",
-                "logging_steps", "max_length", "eval_batch_size", "max_new_tokens"]
+                "logging_steps", "max_length", "eval_batch_size", "max_new_tokens", "ddp_timeout"]
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")

@@ -12,8 +12,10 @@ Output folder layout:
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from phivision.data.collate import Collator
-from phivision.data.dataset import ConversationDataset, check_dataset
+from phivision.data.dataset import CheckedData, ConversationDataset, check_dataset, measure_samples
 from phivision.errors import PhivisionError
 from phivision.model.weights import check_model_folder
 from phivision.processing.folder import complete_model_folder, save_model_folder
@@ -31,8 +33,11 @@ from phivision.train.checkpoints import (
     check_fresh_output,
     checkpoint_step,
     clear_staging,
+    publish,
     resolve_resume,
+    staging_dir,
     truncate_metrics,
+    write_failure,
 )
 from phivision.train.config import TrainConfig, check_schedule
 from phivision.train.lock import holds_output_lock
@@ -92,23 +97,54 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def on_main_process(work: Callable[[], T]) -> T:
-    """`work` done once, on rank 0, and its result handed to every rank.
+def join_process_group(timeout_s: int) -> None:
+    """The group the Trainer's accelerator finds and keeps, with `ddp_timeout` instead of NCCL's 10 minutes."""
+    from datetime import timedelta
 
-    The up-front data check decodes every image: N ranks would decode each one N times. If rank 0
-    fails, torchrun stops the waiting ranks.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return work()
     import torch.distributed as dist
 
-    if not dist.is_initialized():  # the Trainer's accelerator finds and keeps this group
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    result = [work() if is_main_process() else None]
-    dist.broadcast_object_list(result, src=0)
-    return result[0]
+    if dist.is_initialized():
+        return
+    check_elastic_launch()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def check_elastic_launch() -> None:
+    """Restarted processes that share torchrun's own store find the killed ones' addresses there (torch 2.x:
+    the static rendezvous keeps one store; c10d shares it unless told not to) and wait for them until the timeout."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise PhivisionError(
+            f"torchrun --max-restarts={restarts} needs --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT and "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment; otherwise a restart hangs until "
+            "ddp_timeout (see README, Several nodes)"
+        )
+
+
+def in_parts(work: Callable[[int, int], list[T]], timeout_s: int) -> list[T]:
+    """`work(part, parts)` on every rank for its share; every rank gets all shares joined in rank order.
+
+    N ranks check the data N times faster than one, and each gets the result one process would.
+    If a rank dies, torchrun stops the waiting ranks.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return work(0, 1)
+    import torch.distributed as dist
+
+    join_process_group(timeout_s)
+    shares: list = [None] * world_size
+    dist.all_gather_object(shares, work(dist.get_rank(), world_size))
+    return [item for share in shares for item in share]
+
+
+def checked_data(config: TrainConfig, processor: Phi3VProcessor, path: str, image_root: str | None) -> CheckedData:
+    measured = in_parts(lambda part, parts: measure_samples(path, processor, image_root, config.max_length,
+                                                            config.train_on, part, parts), config.ddp_timeout)
+    return check_dataset(path, processor, image_root, config.max_length, config.skip_invalid, config.skip_too_long,
+                         config.train_on, measured)
 
 
 def check_reporters(report_to: list[str]) -> None:
@@ -166,6 +202,7 @@ def training_arguments(config: TrainConfig, world_size: int) -> TrainingArgument
         # default) would differ from the base's. Training passes never build a cache (see the model's forward).
         use_cache=True,
         ddp_find_unused_parameters=False,
+        ddp_timeout=config.ddp_timeout,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
@@ -205,10 +242,7 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
         truncate_metrics(output_dir / "metrics.jsonl", checkpoint_step(checkpoint) if checkpoint else 0)
         (output_dir / "config.yaml").write_text(config.to_yaml())
     processor = Phi3VProcessor.from_pretrained(config.model, num_crops=config.num_crops)
-    checked = on_main_process(lambda: check_dataset(
-        config.train_data, processor, config.train_image_root, config.max_length,
-        config.skip_invalid, config.skip_too_long, config.train_on,
-    ))
+    checked = checked_data(config, processor, config.train_data, config.train_image_root)
     train_set = ConversationDataset(
         config.train_data, processor, config.train_image_root, config.train_on, checked.indices, checked.lengths
     )
@@ -217,10 +251,7 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
         print(f"phivision train: warning: {warning}", file=sys.stderr)
     eval_set = None
     if config.eval_data and config.eval_steps:
-        eval_checked = on_main_process(lambda: check_dataset(
-            config.eval_data, processor, config.eval_image_root, config.max_length,
-            config.skip_invalid, config.skip_too_long, config.train_on,
-        ))
+        eval_checked = checked_data(config, processor, config.eval_data, config.eval_image_root)
         limit = config.eval_samples or len(eval_checked.indices)
         eval_set = ConversationDataset(config.eval_data, processor, config.eval_image_root, config.train_on,
                                        eval_checked.indices[:limit], eval_checked.lengths[:limit])
@@ -272,16 +303,53 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
 def save_final(trainer, processor: Phi3VProcessor, config: TrainConfig, model_dir: Path) -> None:
     """Official layout for full weights (bf16 when trained in bf16), or the adapter; the base's other files.
 
-    Only ZeRO-3 partitions the weights themselves: they are gathered by the Trainer's own save.
+    Written into the staging folder and renamed into place like a checkpoint, so `model/` is whole
+    or absent (an earlier run's `model/` stays whole until the new one replaces it). ZeRO-3
+    partitions the weights themselves: they are gathered onto rank 0 first and saved the same way.
     """
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if config.method in ("lora", "qlora") or zero3:
-        trainer.save_model(str(model_dir))
+    staged = staging_dir(model_dir.parent) / model_dir.name
+    if is_main_process():
+        shutil.rmtree(staged, ignore_errors=True)
+    try:
+        if config.method in ("lora", "qlora"):
+            trainer.save_model(str(staged))
+            if is_main_process():
+                (staged / "training_args.bin").unlink(missing_ok=True)
+                complete_model_folder(staged, processor, config.model)
+        else:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+            weights = trainer.accelerator.get_state_dict(trainer.model_wrapped) if zero3 else None
+            if is_main_process():
+                precision = "bf16" if compute_dtype(config) == torch.bfloat16 else None
+                with weights_in_place(model, weights):
+                    save_model_folder(model, processor, staged, precision, base=config.model)
+    except Exception as error:  # torch and safetensors report a full disk as their own errors
+        reason = write_failure(error, model_dir.parent)
+        if reason is None:
+            raise
         if is_main_process():
-            (model_dir / "training_args.bin").unlink(missing_ok=True)
-            complete_model_folder(model_dir, processor, config.model)
-    elif is_main_process():
-        precision = "bf16" if compute_dtype(config) == torch.bfloat16 else None
-        save_model_folder(model, processor, model_dir, precision, base=config.model)
+            shutil.rmtree(staged, ignore_errors=True)
+        raise PhivisionError(f"saving the final model to {model_dir} failed ({reason}); "
+                             "the checkpoints are intact: free disk space and run again with --resume auto") from None
     trainer.accelerator.wait_for_everyone()
+    if is_main_process():
+        publish(staged, model_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
+@contextmanager
+def weights_in_place(model: torch.nn.Module, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """The model holding the full `weights` (ZeRO-3's gathered state dict) while it is saved; None: as it is."""
+    if weights is None:
+        yield
+        return
+    entries = model.state_dict(keep_vars=True)
+    partitioned = {name: tensor.data for name, tensor in entries.items()}
+    for name, tensor in entries.items():
+        tensor.data = weights[name]
+    try:
+        yield
+    finally:
+        for name, tensor in entries.items():
+            tensor.data = partitioned[name]
