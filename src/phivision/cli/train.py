@@ -17,10 +17,12 @@ def run(args: argparse.Namespace) -> int:
     from phivision.train.config import load_config
 
     config = load_config(args.config, args.overrides)
+    from phivision.cli.distributed import process_group_left_on_exit
     from phivision.cli.evaluation_callback import task_metric_callbacks
     from phivision.train.run import run_training
 
-    result = run_training(config, resume=args.resume, callbacks=task_metric_callbacks(config))
+    with process_group_left_on_exit():
+        result = run_training(config, resume=args.resume, callbacks=task_metric_callbacks(config))
     if result.interrupted:
         overrides = "".join(f" --set {override}" for override in args.overrides)
         print(f"stopped at step {result.global_step}; resume with the same launcher and: "
