@@ -117,7 +117,7 @@ def run_cli(argv: list[str]) -> str:
     return buffer.getvalue()
 
 
-def train_run(model_dir, digits: Path, out: Path, **overrides):
+def train_run(model_dir, digits: Path, out: Path, callbacks: list | None = None, **overrides):
     """A short full fine-tune on `digits/small_train.jsonl` (see the `digits` fixture); `overrides` change it."""
     from phivision.train.config import load_config
     from phivision.train.run import run_training
@@ -129,7 +129,7 @@ def train_run(model_dir, digits: Path, out: Path, **overrides):
         "lr_scheduler": "constant_with_warmup", "warmup_steps": 0, "dataloader_workers": 0, "lora_rank": 8,
     }
     values.update(overrides)
-    return run_training(load_config(None, base=values))
+    return run_training(load_config(None, base=values), callbacks=callbacks)
 
 
 def write_mixed_data(digits: Path, folder: Path) -> Path:

@@ -125,6 +125,7 @@ def apply_method(model: Phi3VForCausalLM, config: TrainConfig) -> torch.nn.Modul
             bias="none",
             task_type="CAUSAL_LM",
         )
+        torch.manual_seed(config.seed)  # adapters start from the run's seed, not from what ran before in the process
         return get_peft_model(model, lora)
     model.requires_grad_(config.method != "projector_only")
     if config.method == "freeze_vision":
