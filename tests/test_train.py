@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import run_on_two_processes
+from helpers import phivision_command, run_on_two_processes, wait_for, write_yaml
 
 from phivision.cli.main import main
 from phivision.errors import PhivisionError
@@ -43,13 +42,6 @@ def base_config(model_dir, data, out, **overrides) -> dict:
     }
     values.update(overrides)
     return values
-
-
-def write_yaml(path: Path, values: dict) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(values))
-    return path
 
 
 def losses(out: Path) -> list[float]:
@@ -276,18 +268,6 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_mod
 
 
 # ---- processes -----------------------------------------------------------------------------
-
-
-def phivision_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "phivision.cli.main", *args]
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.stdout.read()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
 
 
 @pytest.mark.slow
