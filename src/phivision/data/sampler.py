@@ -106,11 +106,13 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
     def _batches(self) -> list[list[int]]:
         batches = self._greedy(self.sampler.epoch)
+        tokens = [sum(self.lengths[i] for i in batch) for batch in batches]
         while len(batches) < self.num_batches:
-            fullest = max((i for i, batch in enumerate(batches) if len(batch) > 1),
-                          key=lambda i: sum(self.lengths[j] for j in batches[i]))
+            fullest = max((i for i, batch in enumerate(batches) if len(batch) > 1), key=tokens.__getitem__)
             batch = batches[fullest]
-            batches[fullest : fullest + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+            halves = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+            batches[fullest : fullest + 1] = halves
+            tokens[fullest : fullest + 1] = [sum(self.lengths[i] for i in half) for half in halves]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
