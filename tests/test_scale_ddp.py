@@ -82,10 +82,11 @@ def write_images_then_text(digits: Path, path: Path, seed: int) -> Path:
     return path
 
 
-def text_only_run(model_dir, digits: Path, data: Path, out: Path, method: str, callbacks: list) -> int:
+def text_only_run(model_dir, digits: Path, data: Path, out: Path, method: str, callbacks: list, **overrides) -> int:
     return train_run(model_dir, digits, out, callbacks=callbacks, method=method, train_data=str(data),
-              train_image_root=str(digits / "images"), global_batch_size=4, per_device_batch_size=1,
-              max_steps=2, max_grad_norm=0.0, lora_dropout=0.0, seed=0, precision="fp32").global_step
+                     train_image_root=str(digits / "images"), global_batch_size=4, per_device_batch_size=1,
+                     max_steps=2, max_grad_norm=0.0, lora_dropout=0.0, seed=0, precision="fp32",
+                     **overrides).global_step
 
 
 def _train_on_rank(rank: int, port: int, results, run) -> None:
@@ -116,6 +117,15 @@ def test_a_rank_with_only_text_micro_batches_gets_the_gradients_of_one_process(t
     for name, gradient in expected.items():
         torch.testing.assert_close(reduced[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
 
+
+
+@pytest.mark.slow
+def test_zero3_trains_with_a_rank_that_has_only_text(tmp_path, tiny_model_dir, digits, monkeypatch):
+    """ZeRO-3 gathers each module's weights as it runs: a rank that skipped the vision tower aborted."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    data = write_images_then_text(digits, tmp_path / "mixed.jsonl", seed=0)
+    run = partial(text_only_run, tiny_model_dir, digits, data, tmp_path / "run", "full", [], deepspeed="zero3")
+    assert run_on_two_processes(partial(_train_on_rank, run=run)) == {0: 2, 1: 2}
 
 # ---- token budgets over several epochs -----------------------------------------------------
 
