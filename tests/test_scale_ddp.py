@@ -21,6 +21,13 @@ from phivision.errors import PhivisionError
 
 # ---- leaving the process group -------------------------------------------------------------
 
+
+def as_rank_of_two(rank: int, port: int) -> None:
+    """The environment torchrun gives rank `rank` of two processes."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
 EXIT_PATHS = {"success": None, "error": PhivisionError("bad data"), "interrupt": KeyboardInterrupt()}
 
 
@@ -29,8 +36,7 @@ def _leave_on_rank(rank: int, port: int, results, path: str) -> None:
 
     from phivision.cli.distributed import process_group_left_on_exit
 
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    as_rank_of_two(rank, port)
     raised = None
     try:
         with process_group_left_on_exit():
@@ -94,8 +100,7 @@ def _train_on_rank(rank: int, port: int, results, run) -> None:
     from phivision.cli.distributed import process_group_left_on_exit
 
     torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    as_rank_of_two(rank, port)
     with process_group_left_on_exit():
         results[rank] = run()
 
