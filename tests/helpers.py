@@ -122,11 +122,8 @@ def run_cli(argv: list[str]) -> str:
     return buffer.getvalue()
 
 
-def train_run(model_dir, digits: Path, out: Path, **overrides):
-    """A short full fine-tune on `digits/small_train.jsonl` (see the `digits` fixture); `overrides` change it."""
-    from phivision.train.config import load_config
-    from phivision.train.run import run_training
-
+def train_values(model_dir, digits: Path, out: Path, **overrides) -> dict:
+    """A short full fine-tune's config on `digits/small_train.jsonl` (see the `digits` fixture)."""
     values = {
         "model": str(model_dir), "train_data": str(digits / "small_train.jsonl"), "output_dir": str(out),
         "method": "full", "num_crops": 1, "global_batch_size": 8, "per_device_batch_size": 8,
@@ -134,7 +131,34 @@ def train_run(model_dir, digits: Path, out: Path, **overrides):
         "lr_scheduler": "constant_with_warmup", "warmup_steps": 0, "dataloader_workers": 0, "lora_rank": 8,
     }
     values.update(overrides)
-    return run_training(load_config(None, base=values))
+    return values
+
+
+def train_run(model_dir, digits: Path, out: Path, callbacks: list | None = None, **overrides):
+    """That fine-tune run in this process; `overrides` change it."""
+    from phivision.train.config import load_config
+    from phivision.train.run import run_training
+
+    return run_training(load_config(None, base=train_values(model_dir, digits, out, **overrides)), callbacks=callbacks)
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def phivision_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "phivision.cli.main", *args]
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
 
 
 def write_mixed_data(digits: Path, folder: Path) -> Path:

@@ -186,6 +186,24 @@ def test_qlora_keeps_the_decoder_in_4_bit_and_the_vision_side_unquantised(tmp_pa
     assert type(projection) is torch.nn.Linear
 
 
+def test_qlora_keeps_its_unquantised_weights_in_the_compute_dtype(tmp_path, tiny_model_dir, digits_data):
+    """peft's kbit preparation lifted CLIP, the projector, embeddings and lm_head to fp32 (~1 GB at the official shape)."""
+    from phivision.train.methods import load_for_training
+
+    config = load_config(None, base=base_config(tiny_model_dir, digits_data, tmp_path / "run", method="qlora",
+                                                precision="bf16", learning_rate=1e-2, max_steps=4))
+    weights = dict(load_for_training(config).named_parameters())
+    prefix = "base_model.model."
+    unquantised = ["model.embed_tokens.weight", "lm_head.weight",
+                   "model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight",
+                   "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.0.self_attn.q_proj.base_layer.weight",
+                   "model.vision_embed_tokens.img_projection.0.base_layer.weight", "model.vision_embed_tokens.glb_GN"]
+    assert {name: weights[prefix + name].dtype for name in unquantised} == dict.fromkeys(unquantised, torch.bfloat16)
+    assert all(weight.dtype == torch.float32 for name, weight in weights.items() if "lora_" in name)
+    curve = losses(run_training(config).output_dir)
+    assert len(curve) == 4 and curve[-1] < curve[0]
+
+
 # ---- faults --------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from phivision.cli.distributed import init_distributed
+    from phivision.cli.distributed import init_distributed, process_group_left_on_exit
     from phivision.errors import PhivisionError
     from phivision.evaluate.evaluation import evaluate_dataset
     from phivision.evaluate.generate import inference_processor, load_for_inference
@@ -46,11 +46,12 @@ def run(args: argparse.Namespace) -> int:
 
         samples = JsonlDataset(args.data)
         check_unique_ids(samples[i] for i in range(len(samples)))
-    init_distributed()
-    processor = inference_processor(args.model, args.adapter, args.num_crops)
-    model = load_for_inference(args.model, args.adapter, args.precision, args.attn)
-    metrics = evaluate_dataset(model, processor, args.data, args.image_root, args.metric, args.batch_size,
-                               args.max_new_tokens, args.limit, args.out)
+    with process_group_left_on_exit():
+        init_distributed()
+        processor = inference_processor(args.model, args.adapter, args.num_crops)
+        model = load_for_inference(args.model, args.adapter, args.precision, args.attn)
+        metrics = evaluate_dataset(model, processor, args.data, args.image_root, args.metric, args.batch_size,
+                                   args.max_new_tokens, args.limit, args.out)
     if metrics:
         name = metrics["metric"]
         print(f"{name}: {metrics[name]:.4f} on {metrics['samples']} samples")

@@ -46,11 +46,12 @@ def train_model(
     else:
         config = load_config(resolve_config_path(config), overrides)
     # Imported once the config is known to be good: a config error stops before transformers loads.
+    from phivision.cli.distributed import process_group_left_on_exit
     from phivision.cli.evaluation_callback import task_metric_callbacks
     from phivision.quiet import DEEPSPEED_BUILD_LINE, stdout_without
     from phivision.train.run import run_training
 
-    with stdout_without(DEEPSPEED_BUILD_LINE):
+    with process_group_left_on_exit(), stdout_without(DEEPSPEED_BUILD_LINE):
         return run_training(config, resume=resume, callbacks=task_metric_callbacks(config))
 
 

@@ -144,6 +144,8 @@ class Phi3VModel(Phi3Model):
                 raise PhivisionError(
                     f"the input has {num_placeholders} image placeholder tokens but no pixel_values"
                 )
+            if self.training and torch.is_grad_enabled():
+                return embeddings + self._vision_pass_contributing_nothing(embeddings)
             return embeddings
         features = self.vision_embed_tokens(pixel_values, image_sizes)
         if features.shape[0] != num_placeholders:
@@ -152,6 +154,19 @@ class Phi3VModel(Phi3Model):
                 f"{num_placeholders} placeholder tokens: the processor and model geometry disagree"
             )
         return embeddings.masked_scatter(placeholders.unsqueeze(-1), features.to(embeddings.dtype))
+
+    def _vision_pass_contributing_nothing(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """A zero scalar that has run the whole vision path on one blank 1x1-crop image.
+
+        Text-only micro-batches are valid data, but in training every rank must run the same graph:
+        under DDP a vision weight without a gradient on one rank breaks (or hangs) the reduction, and
+        under ZeRO-3 a rank that skips the tower would skip its parameter gathers. The blank image's
+        features times zero give every vision weight an exact zero gradient and change no value.
+        """
+        size = self.vision_embed_tokens.crop_size
+        blank = embeddings.new_zeros(1, 2, 3, size, size)  # the global view and one crop
+        image_sizes = torch.tensor([[size, size]], device=embeddings.device)
+        return self.vision_embed_tokens(blank, image_sizes).sum().to(embeddings.dtype) * 0
 
 
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,13 +111,12 @@ def apply_method(model: Phi3VForCausalLM, config: TrainConfig) -> torch.nn.Modul
     """Set requires_grad per method; adapters are added by peft. Returns the model to train."""
     vision = model.model.vision_embed_tokens
     if config.method in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, get_peft_model
 
-        if config.method == "qlora":
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=config.resolved_gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
+        # Not peft's prepare_model_for_kbit_training: it lifts every unquantised weight (CLIP, the
+        # projector, embeddings, lm_head: ~1 GB at the official shape) to fp32. The frozen base stays
+        # in the compute dtype as for lora; get_peft_model freezes it and keeps the adapters in fp32,
+        # and the Trainer turns on gradient checkpointing (non-reentrant: inputs need no grad).
         lora = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.resolved_lora_alpha,
@@ -126,6 +125,7 @@ def apply_method(model: Phi3VForCausalLM, config: TrainConfig) -> torch.nn.Modul
             bias="none",
             task_type="CAUSAL_LM",
         )
+        torch.manual_seed(config.seed)  # adapters start from the run's seed, not from what ran before in the process
         return get_peft_model(model, lora)
     model.requires_grad_(config.method != "projector_only")
     if config.method == "freeze_vision":

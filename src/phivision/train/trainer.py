@@ -6,6 +6,7 @@ DDP, DeepSpeed, mixed precision, checkpoint contents and resume) is the Trainer'
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -71,11 +72,19 @@ class PhivisionTrainer(Trainer):
         return EpochShuffleSampler(len(dataset), self.args.seed, lengths, self.args.per_device_train_batch_size)
 
     def get_train_dataloader(self):
-        """With a token budget, a micro-batch is as many samples as fit in `max_tokens_per_batch`."""
+        """With a token budget, a micro-batch is as many samples as fit in `max_tokens_per_batch`.
+
+        Every epoch then has the same number of micro-batches, whole optimiser steps on every rank:
+        the Trainer plans the run (and places a resumed one) from that number.
+        """
         if self.max_tokens_per_batch is None:
             return super().get_train_dataloader()
-        batch_sampler = TokenBudgetBatchSampler(self._get_train_sampler(), self.sample_lengths,
-                                                self.max_tokens_per_batch)
+        args = self.args
+        batch_sampler = TokenBudgetBatchSampler(
+            self._get_train_sampler(), self.sample_lengths, self.max_tokens_per_batch,
+            batch_multiple=args.gradient_accumulation_steps * args.world_size,
+            epochs=math.ceil(args.num_train_epochs), max_steps=args.max_steps,
+        )
         workers = self.args.dataloader_num_workers
         loader = DataLoader(self.train_dataset, batch_sampler=batch_sampler, collate_fn=self.data_collator,
                             num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
