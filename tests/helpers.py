@@ -142,25 +142,6 @@ def train_run(model_dir, digits: Path, out: Path, callbacks: list | None = None,
     return run_training(load_config(None, base=train_values(model_dir, digits, out, **overrides)), callbacks=callbacks)
 
 
-def write_yaml(path: Path, values: dict) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-def phivision_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "phivision.cli.main", *args]
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.stdout.read()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
 def write_mixed_data(digits: Path, folder: Path) -> Path:
     """Prompts of different lengths with 0, 1 and 2 images of different shapes (so crop counts differ)."""
     images = folder / "images"
