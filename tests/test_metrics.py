@@ -114,8 +114,8 @@ def test_per_class_accuracy():
 
 def test_confusion_matrix_counts_with_an_other_column():
     labels, matrix = confusion_matrix(PREDICTIONS, REFERENCES)
-    assert labels == ["bird", "cat", "dog", "<other>"]
-    assert matrix.tolist() == [[1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 2, 1], [0, 0, 0, 0]]
+    assert labels == ["cat", "dog", "bird", "<other>"]  # as the references first name them
+    assert matrix.tolist() == [[1, 1, 0, 0], [0, 2, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
 
 
 def test_confusion_matrix_without_strays_has_no_other_column_and_merges_spellings():
@@ -128,11 +128,11 @@ def test_format_confusion_matrix():
     labels, matrix = confusion_matrix(PREDICTIONS, REFERENCES)
     assert format_confusion_matrix(labels, matrix) == "\n".join(
         [
-            "reference \\ predicted  bird  cat  dog  <other>",
-            "bird                      1    0    0        0",
-            "cat                       0    1    1        0",
-            "dog                       0    0    2        1",
-            "<other>                   0    0    0        0",
+            "reference \\ predicted  cat  dog  bird  <other>",
+            "cat                      1    1     0        0",
+            "dog                      0    2     0        1",
+            "bird                     0    0     1        0",
+            "<other>                  0    0     0        0",
         ]
     )
 

@@ -129,7 +129,7 @@ def test_two_turn_conversation(tiny_processor):
     ]
     encoded = tiny_processor.encode_conversation("chat-7", turns)
     first = BOS_USER + [-1] * 27 + [1, 29871, 13, 5618, 13019, 338, 445, 29973] + END_ASSISTANT
-    first_answer = [319, 6635, 29889, 32007, 29871, 13]
+    first_answer = [29909, 6635, 29889, 32007, 29871, 13]  # "A", not "▁A" 319: as inside the whole prompt text
     second = [32010, 29871, 13, 5618, 12384, 338, 372, 29973] + END_ASSISTANT
     second_answer = [26048, 29889] + END_OF_TEXT
     assert encoded.input_ids.tolist() == first + first_answer + second + second_answer

@@ -22,7 +22,7 @@ from phivision.train.run import run_training
 # ---- the final model/ folder ----------------------------------------------------------------
 
 
-def failing_save(model, processor, folder, precision=None):
+def failing_save(model, processor, folder, precision=None, base=None):
     """Half a model folder, then a full disk."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 1000)

@@ -39,13 +39,13 @@ def run(args: argparse.Namespace) -> int:
     if args.out and os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise PhivisionError(f"--out {args.out} is a file: --out names a folder for predictions.jsonl and "
                              "metrics.json; choose a folder")
-    check_model_folder(args.model)
     if not args.allow_duplicate_ids:
         from phivision.data.format import JsonlDataset
         from phivision.data.validate import check_unique_ids
 
         samples = JsonlDataset(args.data)
         check_unique_ids(samples[i] for i in range(len(samples)))
+    check_model_folder(args.model)
     with process_group_left_on_exit():
         init_distributed()
         processor = inference_processor(args.model, args.adapter, args.num_crops)

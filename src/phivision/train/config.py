@@ -309,6 +309,7 @@ def check_schedule(config: TrainConfig, samples: int, world_size: int) -> list[s
     if config.method not in ("lora", "qlora"):
         set_keys = [key for key in LORA_KEYS if getattr(config, key) != FIELDS[key].default]
         if set_keys:
-            warnings.append(f"{', '.join(set_keys)} only apply to method lora or qlora, not {config.method}: "
+            verb = "applies" if len(set_keys) == 1 else "apply"
+            warnings.append(f"{', '.join(set_keys)} only {verb} to method lora or qlora, not {config.method}: "
                             "drop them or change method")
     return warnings

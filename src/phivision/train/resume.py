@@ -20,6 +20,8 @@ from phivision.train.config import TrainConfig
 from phivision.train.methods import compute_dtype
 
 RUN_RECORD = "phivision_config.yaml"
+# In output_dir once model/ is in place: the step model/ holds (a failed final save leaves an older one).
+MODEL_STEP = "model_step.json"
 # Keys a resumed run may change: the length of the run, how often it logs, saves and evaluates,
 # and how fast or in how much memory the same numbers are computed.
 MAY_CHANGE = ("max_steps", "epochs", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
@@ -79,3 +81,18 @@ def finished(checkpoint: str | Path, config: TrainConfig) -> bool:
     if config.max_steps > 0:
         return state["global_step"] >= config.max_steps
     return state.get("epoch", 0.0) >= config.epochs - 1e-6
+
+
+def mark_model_step(output_dir: str | Path, step: int) -> None:
+    (Path(output_dir) / MODEL_STEP).write_text(json.dumps({"global_step": step}) + "\n")
+
+
+def model_is_at(output_dir: str | Path, step: int) -> bool:
+    """True when `output_dir/model` holds the weights of `step`, not those of an earlier end of the run."""
+    path = Path(output_dir) / MODEL_STEP
+    if not (Path(output_dir) / "model").is_dir() or not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("global_step") == step
+    except (ValueError, AttributeError):
+        return False

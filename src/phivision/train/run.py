@@ -41,7 +41,7 @@ from phivision.train.checkpoints import (
 )
 from phivision.train.config import TrainConfig, check_schedule
 from phivision.train.lock import holds_output_lock
-from phivision.train.resume import check_same_run, finished, record_text, run_record
+from phivision.train.resume import check_same_run, finished, mark_model_step, model_is_at, record_text, run_record
 from phivision.train.methods import compute_dtype, load_for_training, trainable_summary
 from phivision.train.report import write_model_card, write_report
 from phivision.train.callbacks import GracefulInterruptCallback, MetricsFileCallback, ProgressBarCallback
@@ -225,7 +225,7 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
     if checkpoint is not None:  # checked before anything in output_dir is rewritten
         recorded = check_same_run(checkpoint, record)
         step = checkpoint_step(checkpoint)
-        if finished(checkpoint, config) and (output_dir / "model").is_dir():
+        if finished(checkpoint, config) and model_is_at(output_dir, step):
             return TrainResult(None, output_dir, output_dir / "model", step, False, 0, already_finished=True)
         if is_main_process():
             for skipped in passed_over:
@@ -294,6 +294,7 @@ def run_training(config: TrainConfig, resume: str | None = None, callbacks: list
     model_dir = output_dir / "model"
     save_final(trainer, processor, config, model_dir)
     if is_main_process():
+        mark_model_step(output_dir, trainer.state.global_step)
         clear_staging(output_dir)
         write_model_card(model_dir, config, trainer.state.global_step, len(train_set), checked.skipped)
         write_report(output_dir, config, trainer.state.global_step, len(train_set), checked.skipped)
