@@ -279,7 +279,7 @@ def test_configs_that_train_less_than_they_seem_get_a_warning_naming_the_fix(tmp
     assert completed.returncode == 0, completed.stderr
     warnings = [line for line in completed.stderr.splitlines() if line.startswith("phivision train: warning: ")]
     assert len(warnings) == 4, completed.stderr
-    for fix in ("lower warmup_steps", "lower global_batch_size", "set eval_steps", "lora_rank only apply"):
+    for fix in ("lower warmup_steps", "lower global_batch_size", "set eval_steps", "lora_rank only applies"):
         assert any(fix in warning for warning in warnings), (fix, warnings)
 
 

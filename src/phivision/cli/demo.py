@@ -56,7 +56,7 @@ def prepare_data(task: str, data_dir: Path, seed: int) -> tuple[Path, Path]:
     return data_dir / "train.jsonl", data_dir / TASK_SETTINGS[task]["eval"]
 
 
-def evaluate(model_dir: Path, data: Path, description: str, out: Path | None = None) -> float:
+def evaluate(model_dir: Path, data: Path, description: str = "eval", out: Path | None = None) -> float:
     from phivision.evaluate.evaluation import evaluate_dataset
     from phivision.evaluate.generate import load_for_inference
     from phivision.processing.processor import Phi3VProcessor
