@@ -61,11 +61,17 @@ def ratio(numerator: float, denominator: float) -> float | None:
 
 
 def compare_summary(paths: dict[str, dict]) -> dict:
-    """Throughput ratios of phivision's path over the official recipe's (a/b) and right padding (a/c)."""
-    ours = paths["phivision"]["images_per_s"]
+    """Throughput ratios of phivision's path over the official recipe's (a/b) and right padding (a/c),
+    and the ratio of their peak tensor memory (None for a path not measured)."""
+    ours = paths["phivision"]
+
+    def over(name: str, key: str) -> float | None:
+        return ratio(ours[key], paths[name][key]) if name in paths else None
+
     return {
-        "a_over_b_images_per_s": ratio(ours, paths["official"]["images_per_s"]),
-        "a_over_c_images_per_s": ratio(ours, paths["padded"]["images_per_s"]),
+        "a_over_b_images_per_s": over("official", "images_per_s"),
+        "a_over_c_images_per_s": over("padded", "images_per_s"),
+        "a_over_b_peak_tensors": over("official", "peak_memory_bytes"),
         "first_loss": {name: result["losses"][0] for name, result in paths.items()},
         "mean_loss": {name: sum(result["losses"]) / len(result["losses"]) for name, result in paths.items()},
     }
@@ -84,7 +90,11 @@ def memory_ratios(methods: dict[str, dict]) -> dict[str, dict]:
 def header(settings: dict, machine: dict) -> str:
     source = f"model {settings['model_dir']}" if settings["model_dir"] else f"preset {settings['preset']}"
     threads = settings["threads"] or machine["torch_threads"]
-    return (f"phivision bench | {source} | workload {settings['workload']} | {settings['batch_size']} samples/step, "
+    crops = f" at {settings['num_crops']} crops" if settings.get("num_crops") else ""
+    chunk = f" | CLIP in chunks of {settings['vision_crops_per_chunk']} crops" if settings.get(
+        "vision_crops_per_chunk") else ""
+    return (f"phivision bench | {source} | workload {settings['workload']}{crops}{chunk} | "
+            f"{settings['batch_size']} samples/step, "
             f"{settings['steps']} timed steps after {settings['warmup']} warm-up | {machine['device']} "
             f"({threads} threads) | precision {settings['precision']} | attn {settings['attn']}")
 
@@ -116,8 +126,10 @@ def compare_table(method: str, paths: dict[str, dict], labels: dict[str, str]) -
             f"{result['step_time_s']:>8.3f} {100 * result['mfu']:>5.1f}% {result['losses'][0]:>11.5f} "
             f"{summary['mean_loss'][name]:>10.5f} {bytes_text(result['peak_memory_bytes']):>12}"
         )
-    rows.append(f"a/b = {summary['a_over_b_images_per_s']:.2f}x img/s    "
-                f"a/c = {summary['a_over_c_images_per_s']:.2f}x img/s")
+    figures = (("a/b", "a_over_b_images_per_s", "img/s"), ("a/c", "a_over_c_images_per_s", "img/s"),
+               ("a/b", "a_over_b_peak_tensors", "peak tensors"))
+    rows.append("    ".join(f"{name} = {summary[key]:.2f}x {unit}" for name, key, unit in figures
+                            if summary[key] is not None))
     return "\n".join(rows)
 
 

@@ -26,7 +26,7 @@ from phivision.bench.models import build_model, bench_processor
 from phivision.bench.workloads import encode_samples, sample_shapes
 from phivision.data.collate import Collator
 from phivision.model.modeling import Phi3VForCausalLM
-from phivision.model.vision import Phi3VImageEmbedding
+from phivision.model.vision import CLIPVisionTower, Phi3VImageEmbedding
 from phivision.processing.processor import IGNORE_INDEX, Encoded
 from phivision.train.config import TrainConfig
 from phivision.train.methods import compute_dtype, parameter_count
@@ -41,12 +41,12 @@ class DataPath:
     one_sample_per_pass: bool = False  # batch 1 with gradient accumulation
     eager_attention: bool = False
     fp32_weights: bool = False  # every floating weight in fp32, the compute under autocast
-    official_compute: bool = False  # CLIP on every crop slot, logits at every position
+    official_compute: bool = False  # CLIP's every layer on every crop slot, logits at every position
 
 
 DATA_PATHS = {
     "phivision": DataPath("(a) phivision: packed, sdpa, padding crops skipped"),
-    "official": DataPath("(b) official recipe: batch 1 + accumulation, eager, fp32 weights, every crop",
+    "official": DataPath("(b) official recipe: batch 1 + accumulation, eager, fp32 weights, all of CLIP on every crop",
                          packing=False, one_sample_per_pass=True, eager_attention=True, fp32_weights=True,
                          official_compute=True),
     "padded": DataPath("(c) right-padded batches", packing=False),
@@ -72,11 +72,15 @@ class BenchSettings:
     matmul_size: int = 0  # 0: 2048 on a CPU, 8192 on a GPU
     threads: int = 0  # CPU threads; 0: PyTorch's default (every core)
     gradient_checkpointing: bool | None = None  # None: the method's training default
+    num_crops: int | None = None  # caps every image's crop budget; None: each workload's own
+    vision_crops_per_chunk: int | None = None  # phivision's paths only: the official code has no such bound
 
-    def train_config(self, attn: str) -> TrainConfig:
+    def train_config(self, path: DataPath) -> TrainConfig:
         return TrainConfig(model=self.model_dir or f"preset:{self.preset}", train_data="-", output_dir="-",
-                           method=self.method, precision=self.precision, attn=attn, lora_rank=self.lora_rank,
-                           gradient_checkpointing=self.gradient_checkpointing)
+                           method=self.method, precision=self.precision,
+                           attn="eager" if path.eager_attention else self.attn, lora_rank=self.lora_rank,
+                           gradient_checkpointing=self.gradient_checkpointing,
+                           vision_crops_per_chunk=None if path.official_compute else self.vision_crops_per_chunk)
 
 
 @dataclass
@@ -124,11 +128,15 @@ def step_passes(encodings: list[Encoded], path: DataPath, collator: Collator) ->
 
 @contextlib.contextmanager
 def official_compute(model: torch.nn.Module, enabled: bool):
-    """Switch the model to the official code's work (CLIP on zero crops, all-position logits) for a while."""
+    """Switch the model to the official code's work for a while: CLIP's every layer on every crop slot
+    (zero padding included, the last layer's output unused), logits at every position."""
     embeddings = [m for m in model.modules() if isinstance(m, Phi3VImageEmbedding)]
+    towers = [m for m in model.modules() if isinstance(m, CLIPVisionTower)]
     heads = [m for m in model.modules() if isinstance(m, Phi3VForCausalLM)]
     for module in embeddings:
         module.encode_padding_crops = enabled
+    for module in towers:
+        module.run_unused_layers = enabled
     for module in heads:
         module.supervised_logits_only = not enabled
     try:
@@ -136,6 +144,8 @@ def official_compute(model: torch.nn.Module, enabled: bool):
     finally:
         for module in embeddings:
             del module.encode_padding_crops
+        for module in towers:
+            del module.run_unused_layers
         for module in heads:
             del module.supervised_logits_only
 
@@ -215,7 +225,7 @@ def measure_path(settings: BenchSettings, name: str, encodings: list[Encoded], c
     """Build the model for this data path, run warm-up and timed steps, and collect the figures."""
     path = DATA_PATHS[name]
     device = device_for_run()
-    config = settings.train_config("eager" if path.eager_attention else settings.attn)
+    config = settings.train_config(path)
     dtype = compute_dtype(config)
     gc.collect()  # the previous path's model, if any, held in reference cycles
     reset_peak_rss()
@@ -258,9 +268,10 @@ def run(settings: BenchSettings) -> list[PathResult]:
     """
     processor = bench_processor(settings.preset, settings.model_dir)
     count = (settings.warmup + settings.steps) * settings.batch_size
-    encodings = encode_samples(sample_shapes(settings.workload, count), processor, seed=settings.seed)
+    encodings = encode_samples(sample_shapes(settings.workload, count, settings.num_crops), processor,
+                               seed=settings.seed)
     device = device_for_run()
-    dtype = compute_dtype(settings.train_config(settings.attn))
+    dtype = compute_dtype(settings.train_config(DATA_PATHS["phivision"]))
     size = settings.matmul_size or (8192 if device.type == "cuda" else 2048)
     peaks = [peak_matmul_flops(device, dtype, size)]
     results = []

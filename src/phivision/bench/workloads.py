@@ -9,6 +9,7 @@ every crop grid (so the crop count) and shrinks only the tokens per crop.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -98,8 +99,11 @@ def workload_cycle(workload: str) -> list[SampleShape]:
     raise ValueError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
 
 
-def sample_shapes(workload: str, count: int) -> list[SampleShape]:
+def sample_shapes(workload: str, count: int, num_crops: int | None = None) -> list[SampleShape]:
+    """`count` samples of the workload's cycle; `num_crops` caps every image's crop budget."""
     cycle = workload_cycle(workload)
+    if num_crops is not None:
+        cycle = [dataclasses.replace(shape, num_crops=min(shape.num_crops, num_crops)) for shape in cycle]
     return [cycle[index % len(cycle)] for index in range(count)]
 
 

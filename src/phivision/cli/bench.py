@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phivision.cli.options import non_negative_int, positive_int
+from phivision.errors import PhivisionError
 from phivision.train.config import ATTENTIONS, METHODS
 
 if TYPE_CHECKING:
@@ -23,16 +24,24 @@ if TYPE_CHECKING:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="DIR", help="benchmark this checkpoint folder")
-    source.add_argument("--preset", choices=("tiny", "small", "official"), default="small",
-                        help="random weights of this shape (default: small; official = the 4B model, for GPUs)")
+    source.add_argument("--preset", choices=("tiny", "small", "clip-l", "official"),
+                        help="random weights of this shape (default: small, or clip-l with --compare; clip-l = the "
+                             "official CLIP ViT-L/14-336 with the small decoder; official = the 4B model, for GPUs)")
     parser.add_argument("--method", choices=(*METHODS, "all"), default="all", help="training method (default: all)")
-    parser.add_argument("--workload", choices=("docvqa", "memes", "video", "mixed"), default="mixed",
-                        help="synthetic samples shaped like this dataset (default: mixed)")
+    parser.add_argument("--workload", choices=("docvqa", "memes", "video", "mixed"),
+                        help="synthetic samples shaped like this dataset (default: mixed; docvqa for clip-l)")
+    parser.add_argument("--num-crops", type=positive_int, metavar="N",
+                        help="cap every image's crop budget at N (default: each workload's own, 16 for pages and "
+                             "memes, 4 for pairs and video; 4 for clip-l, whose 16-crop steps do not fit a CPU's memory)")
+    parser.add_argument("--vision-chunk", type=positive_int, metavar="N",
+                        help="phivision's paths run CLIP over at most N crops at a time (vision_crops_per_chunk; "
+                             "default: all at once; 5 for clip-l)")
     parser.add_argument("--steps", type=positive_int, default=10, help="timed optimiser steps per method (default: 10)")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: 2)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="samples per optimiser step (default: 4)")
-    parser.add_argument("--compare", action="store_true",
-                        help="also run the official recipe's data path and right-padded batches; print ratios")
+    parser.add_argument("--compare", nargs="?", const="official,padded", metavar="PATHS",
+                        help="also run the official recipe's data path and right-padded batches on the same samples "
+                             "and weights, and print ratios; PATHS limits it to some of official,padded")
     parser.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
                         help="recompute activations in the backward pass (auto: as training does for the method, "
                              "on for qlora only)")
@@ -52,13 +61,15 @@ def run(args: argparse.Namespace) -> int:
     from phivision.bench import report
     from phivision.bench.runner import DATA_PATHS, BenchSettings, device_for_run, run_in_subprocess
     methods = list(METHODS) if args.method == "all" else [args.method]
+    _resolve_defaults(args)
     preset = None if args.model else args.preset
-    data_paths = list(DATA_PATHS) if args.compare else ["phivision"]
+    data_paths = ["phivision", *_compared_paths(args.compare, DATA_PATHS)]
     base = BenchSettings(method=methods[0], workload=args.workload, data_paths=data_paths, steps=args.steps,
                          warmup=args.warmup, batch_size=args.batch_size, preset=preset, model_dir=args.model,
                          precision=args.precision, attn=args.attn, lora_rank=args.lora_rank, seed=args.seed,
                          matmul_size=args.matmul_size, threads=args.threads,
-                         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing])
+                         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
+                         num_crops=args.num_crops, vision_crops_per_chunk=args.vision_chunk)
     machine = report.machine_description()
     print(report.header(asdict(base), machine), flush=True)
     document = report.Document(_command_line(args), report.git_commit(), machine, {**asdict(base), "methods": methods})
@@ -80,13 +91,41 @@ def run(args: argparse.Namespace) -> int:
     return 1 if document.errors else 0
 
 
+# What `clip-l` runs unless told otherwise: pages at 4 crops (2x2 + the global view, as the issue
+# measuring the official recipe used), CLIP in chunks of one such page, so a step of 4 packed pages
+# holds one page's CLIP activations, as the official batch-1 recipe does.
+PRESET_DEFAULTS = {"clip-l": {"workload": "docvqa", "num_crops": 4, "vision_chunk": 5}}
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Options left unset take the preset's defaults; `--compare` measures the real CLIP tower by default."""
+    if not args.model and args.preset is None:
+        args.preset = "clip-l" if args.compare else "small"
+    defaults = {"workload": "mixed", "num_crops": None, "vision_chunk": None,
+                **PRESET_DEFAULTS.get(None if args.model else args.preset, {})}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _compared_paths(compare: str | None, known: dict) -> list[str]:
+    names = [name.strip() for name in compare.split(",")] if compare else []
+    unknown = [name for name in names if name not in known or name == "phivision"]
+    if unknown:
+        raise PhivisionError(f"--compare: unknown data path {unknown[0]!r}: choose from official, padded")
+    return list(dict.fromkeys(names))
+
+
 def _command_line(args: argparse.Namespace) -> str:
     """The command with every option spelled out, to rerun the same measurement."""
     source = f"--model {args.model}" if args.model else f"--preset {args.preset}"
     return (f"phivision bench {source} --method {args.method} --workload {args.workload} --steps {args.steps} "
             f"--warmup {args.warmup} --batch-size {args.batch_size} --precision {args.precision} --attn {args.attn} "
             f"--lora-rank {args.lora_rank} --seed {args.seed} --matmul-size {args.matmul_size} --threads {args.threads} "
-            f"--gradient-checkpointing {args.gradient_checkpointing}" + (" --compare" if args.compare else ""))
+            f"--gradient-checkpointing {args.gradient_checkpointing}"
+            + (f" --num-crops {args.num_crops}" if args.num_crops else "")
+            + (f" --vision-chunk {args.vision_chunk}" if args.vision_chunk else "")
+            + (f" --compare {args.compare}" if args.compare else ""))
 
 
 def _preset_folder(preset: str, work_dir: Path, seed: int, device: torch.device) -> Path:

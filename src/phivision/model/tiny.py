@@ -32,6 +32,13 @@ PRESETS = {
         "vision": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6,
                    "num_attention_heads": 4, "image_size": 112, "patch_size": 14},
     },
+    # The official CLIP ViT-L/14-336 tower with the small decoder: the real vision geometry (577
+    # tokens per crop, 24 layers of width 1024), where CLIP is most of a step's work.
+    "clip-l": {
+        "text": {"hidden_size": 512, "intermediate_size": 1368, "num_hidden_layers": 6,
+                 "num_attention_heads": 8, "num_key_value_heads": 8},
+        "vision": None,
+    },
     "official": {"text": OFFICIAL_TEXT, "vision": None},
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from phivision.errors import PhivisionError
@@ -16,6 +17,10 @@ from phivision.model.config import Phi3VConfig
 
 class CLIPVisionTower(nn.Module):
     """Holds the CLIP model under the name `vision_model`, as the official checkpoint does."""
+
+    # True (benchmarks only) also runs the last encoder layer and the final norm, whose outputs
+    # the features never use, as the official code does; the default skips them.
+    run_unused_layers: bool = False
 
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
@@ -38,13 +43,44 @@ class CLIPVisionTower(nn.Module):
         hidden = clip.pre_layrnorm(hidden)
         for layer in clip.encoder.layers[:-1]:
             hidden = layer(hidden, None)
+        if self.run_unused_layers:
+            clip.post_layernorm(clip.encoder.layers[-1](hidden, None)[:, 0])
         return hidden[:, 1:]
+
+    def learns(self) -> bool:
+        return torch.is_grad_enabled() and any(parameter.requires_grad for parameter in self.parameters())
+
+    def recomputes_layers(self) -> bool:
+        """Gradient checkpointing is on: each layer keeps only its input and is recomputed in the backward pass."""
+        return self.training and all(getattr(layer, "gradient_checkpointing", False)
+                                     for layer in self.vision_model.encoder.layers)
+
+    def chunked_features(self, crops: torch.Tensor, crops_per_chunk: int | None) -> torch.Tensor:
+        """`penultimate_features` over at most `crops_per_chunk` crops at a time.
+
+        Training keeps every crop's CLIP activations until the backward pass (about 1.3 GB per
+        336-px crop in fp32), so a micro-batch of many images needs memory for all of them. Here
+        every chunk but the last is recomputed in the backward pass instead, and the backward runs
+        the chunks last to first, so one chunk's activations are live at a time, at the cost of a
+        second forward pass of the earlier chunks. Nothing is recomputed when the crops fit in one
+        chunk, when CLIP does not learn, or when gradient checkpointing already recomputes its layers.
+        """
+        if crops_per_chunk is None or len(crops) <= crops_per_chunk:
+            return self.penultimate_features(crops)
+        recompute = self.learns() and not self.recomputes_layers()
+        chunks = crops.split(crops_per_chunk)
+        features = [checkpoint(self.penultimate_features, chunk, use_reentrant=False) if recompute
+                    else self.penultimate_features(chunk) for chunk in chunks[:-1]]
+        return torch.cat([*features, self.penultimate_features(chunks[-1])])
 
 
 class Phi3VImageEmbedding(nn.Module):
     # True (benchmarks only) runs CLIP on the zero padding crops too and drops their features
     # afterwards, as the official code does; the default skips them.
     encode_padding_crops: bool = False
+    # Crops per CLIP pass (None: all of a micro-batch's crops at once); training sets it from
+    # `vision_crops_per_chunk` to bound CLIP's activation memory (see `chunked_features`).
+    crops_per_chunk: int | None = None
 
     def __init__(self, config: Phi3VConfig):
         super().__init__()
@@ -97,10 +133,10 @@ class Phi3VImageEmbedding(nn.Module):
             crops_used, device=pixel_values.device
         )[:, None]
         if self.encode_padding_crops:
-            every_slot = self.img_processor.penultimate_features(pixel_values.flatten(0, 1))
+            every_slot = self.img_processor.chunked_features(pixel_values.flatten(0, 1), self.crops_per_chunk)
             patch_features = every_slot.unflatten(0, pixel_values.shape[:2])[used]
         else:
-            patch_features = self.img_processor.penultimate_features(pixel_values[used])
+            patch_features = self.img_processor.chunked_features(pixel_values[used], self.crops_per_chunk)
         merged = self._merge_2x2(patch_features)
         half = self.merged_grid
         per_image = []

@@ -62,6 +62,7 @@ class TrainConfig:
     max_tokens_per_batch: int | None = None
     group_by_length: bool = False
     gradient_checkpointing: bool | None = None
+    vision_crops_per_chunk: int | None = None
     lora_rank: int = 64
     lora_alpha: float | None = None
     lora_dropout: float = 0.05
@@ -236,7 +237,7 @@ def validate(config: TrainConfig) -> None:
     for key in positive:
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")
-    for key in ("eval_steps", "eval_samples", "save_total_limit", "max_tokens_per_batch"):
+    for key in ("eval_steps", "eval_samples", "save_total_limit", "max_tokens_per_batch", "vision_crops_per_chunk"):
         if getattr(config, key) is not None and getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1 (or null), got {getattr(config, key)}")
     for key in ("warmup_steps", "dataloader_workers"):

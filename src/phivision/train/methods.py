@@ -110,6 +110,7 @@ def keep_4bit_layout(model: Phi3VForCausalLM) -> None:
 def apply_method(model: Phi3VForCausalLM, config: TrainConfig) -> torch.nn.Module:
     """Set requires_grad per method; adapters are added by peft. Returns the model to train."""
     vision = model.model.vision_embed_tokens
+    vision.crops_per_chunk = config.vision_crops_per_chunk
     if config.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 

@@ -26,7 +26,8 @@ MODEL_STEP = "model_step.json"
 # and how fast or in how much memory the same numbers are computed.
 MAY_CHANGE = ("max_steps", "epochs", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
               "eval_samples", "eval_batch_size", "metric", "max_new_tokens", "dataloader_workers", "report_to",
-              "output_dir", "skip_invalid", "skip_too_long", "gradient_checkpointing", "attn", "per_method")
+              "output_dir", "skip_invalid", "skip_too_long", "gradient_checkpointing", "vision_crops_per_chunk",
+              "attn", "per_method")
 
 
 def file_sha256(path: str | None) -> str | None:
