@@ -237,3 +237,70 @@ def test_model_tensors_count_4_bit_weights_with_their_quantisation_constants(tin
     assert quantised
     absmax = storage_bytes([p.quant_state.absmax for p in quantised])
     assert storage_bytes(model_tensors(model)) > weights + absmax
+
+
+def bench_arguments(argv: list[str]):
+    import argparse
+
+    from phivision.cli import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(argv)
+    bench._resolve_defaults(args)
+    return args
+
+
+def test_compare_measures_the_real_clip_tower_by_default():
+    args = bench_arguments(["--compare"])
+    assert (args.preset, args.workload, args.num_crops, args.vision_chunk) == ("clip-l", "docvqa", 4, 5)
+    assert args.compare == "official,padded"
+    args = bench_arguments(["--compare", "official", "--num-crops", "2", "--vision-chunk", "3"])
+    assert (args.preset, args.num_crops, args.vision_chunk, args.compare) == ("clip-l", 2, 3, "official")
+    args = bench_arguments([])
+    assert (args.preset, args.workload, args.num_crops, args.vision_chunk) == ("small", "mixed", None, None)
+    args = bench_arguments(["--preset", "small", "--compare"])
+    assert (args.preset, args.workload, args.num_crops) == ("small", "mixed", None)
+
+
+def test_clip_l_preset_has_the_official_vision_geometry():
+    config = preset_config("clip-l")
+    vision = config.vision_config()
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.intermediate_size, vision.num_attention_heads,
+            vision.image_size, vision.patch_size) == (24, 1024, 4096, 16, 336, 14)
+    assert (config.crop_size, config.merged_grid, config.hidden_size, config.num_hidden_layers) == (336, 12, 512, 6)
+
+
+def test_num_crops_caps_every_image(tiny_processor_16):
+    shapes = sample_shapes("mixed", 10, num_crops=4)
+    assert {shape.num_crops for shape in shapes} == {4}
+    assert {shape.num_crops for shape in sample_shapes("mixed", 10)} == {4, 16}
+    encodings = encode_samples(shapes[:3], tiny_processor_16)
+    assert [tuple(encoding.pixel_values.shape[:2]) for encoding in encodings] == [(1, 5), (1, 5), (2, 5)]
+
+
+def test_compare_refuses_an_unknown_path(capsys):
+    from phivision.cli.main import main
+
+    assert main(["bench", "--preset", "tiny", "--compare", "official,fast"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "phivision bench: error: --compare: unknown data path 'fast': choose from official, padded")
+
+
+def test_micro_batches_accumulate_to_the_step_of_one_pass(tiny_processor_16):
+    """`--micro-batch`: passes of fewer samples, gradients accumulated, the same loss and the same update."""
+    from phivision.bench.runner import DATA_PATHS, make_optimizer, step_passes, train_step
+
+    encodings = encode_samples(sample_shapes("mixed", 4, num_crops=4), tiny_processor_16)
+    collator = Collator(tiny_processor_16.tokenizer.pad_id, tiny_processor_16.crop_size)
+    labels = sum(int((encoding.labels[1:] != -100).sum()) for encoding in encodings)
+    results = []
+    for micro_batch in (None, 1):
+        model = random_model("tiny").train()
+        passes = step_passes(encodings, DATA_PATHS["phivision"], collator, micro_batch)
+        assert len(passes) == (1 if micro_batch is None else 4)
+        loss = train_step(model, make_optimizer(model, 1e-3), passes, torch.autocast("cpu", enabled=False), labels)
+        results.append((loss, model.state_dict()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for name, weight in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], weight, rtol=1e-4, atol=1e-6, msg=name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -122,3 +124,14 @@ def test_crops_per_chunk_must_be_positive(tmp_path):
     path.write_text("model: m\ntrain_data: t.jsonl\noutput_dir: out\nvision_crops_per_chunk: 0\n")
     with pytest.raises(ConfigError, match="vision_crops_per_chunk must be at least 1"):
         load_config(path)
+
+
+def test_a_resume_may_change_the_chunk_size_but_not_the_crops(tmp_path):
+    from phivision.errors import PhivisionError
+    from phivision.train.resume import RUN_RECORD, check_same_run, record_text, run_record
+
+    config = TrainConfig(model="m", train_data="-", output_dir="-")
+    (tmp_path / RUN_RECORD).write_text(record_text(run_record(config, 1)))
+    assert check_same_run(tmp_path, run_record(dataclasses.replace(config, vision_crops_per_chunk=17), 1))
+    with pytest.raises(PhivisionError, match="num_crops 4 -> 16"):
+        check_same_run(tmp_path, run_record(dataclasses.replace(config, num_crops=16), 1))

@@ -52,6 +52,11 @@ def flops_text(value: float) -> str:
     return f"{value:.2f} "
 
 
+def rate_text(value: float) -> str:
+    """Three significant digits at least: the real CLIP tower on a CPU trains well under 1 image/s."""
+    return f"{value:.2f}" if value >= 10 else f"{value:.3g}"
+
+
 def bytes_text(value: int) -> str:
     return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
 
@@ -93,8 +98,9 @@ def header(settings: dict, machine: dict) -> str:
     crops = f" at {settings['num_crops']} crops" if settings.get("num_crops") else ""
     chunk = f" | CLIP in chunks of {settings['vision_crops_per_chunk']} crops" if settings.get(
         "vision_crops_per_chunk") else ""
+    micro = f" in passes of {settings['micro_batch']}" if settings.get("micro_batch") else ""
     return (f"phivision bench | {source} | workload {settings['workload']}{crops}{chunk} | "
-            f"{settings['batch_size']} samples/step, "
+            f"{settings['batch_size']} samples/step{micro}, "
             f"{settings['steps']} timed steps after {settings['warmup']} warm-up | {machine['device']} "
             f"({threads} threads) | precision {settings['precision']} | attn {settings['attn']}")
 
@@ -105,7 +111,7 @@ def methods_table(methods: dict[str, dict], errors: dict[str, str]) -> str:
     for name, result in methods.items():
         spread = f"{result['step_time_s']:.3f} ({result['step_time_min_s']:.3f}-{result['step_time_max_s']:.3f})"
         rows.append(
-            f"{name:<14} {'on' if result['gradient_checkpointing'] else 'off':>4} {result['images_per_s']:>8.2f} "
+            f"{name:<14} {'on' if result['gradient_checkpointing'] else 'off':>4} {rate_text(result['images_per_s']):>8} "
             f"{result['tokens_per_s']:>9.0f} {spread:>20} {bytes_text(result['peak_memory_bytes']):>12} "
             f"{bytes_text(result['peak_rss_bytes']):>9} {flops_text(result['flops_per_step']):>10} "
             f"{flops_text(result['peak_matmul_flops_per_s']) + '/s':>12} "
@@ -122,7 +128,7 @@ def compare_table(method: str, paths: dict[str, dict], labels: dict[str, str]) -
             f"{'mean loss':>10} {'peak tensors':>12}"]
     for name, result in paths.items():
         rows.append(
-            f"{labels[name]:<82} {result['images_per_s']:>8.2f} {result['tokens_per_s']:>9.0f} "
+            f"{labels[name]:<82} {rate_text(result['images_per_s']):>8} {result['tokens_per_s']:>9.0f} "
             f"{result['step_time_s']:>8.3f} {100 * result['mfu']:>5.1f}% {result['losses'][0]:>11.5f} "
             f"{summary['mean_loss'][name]:>10.5f} {bytes_text(result['peak_memory_bytes']):>12}"
         )
@@ -140,7 +146,7 @@ def memory_lines(ratios: dict[str, dict]) -> str:
 
 def one_line(method: str, result: dict) -> str:
     """Progress: one method's headline figures as soon as it is measured."""
-    return (f"{method}: {result['images_per_s']:.2f} img/s, {result['tokens_per_s']:.0f} tokens/s, "
+    return (f"{method}: {rate_text(result['images_per_s'])} img/s, {result['tokens_per_s']:.0f} tokens/s, "
             f"MFU {100 * result['mfu']:.1f}%, peak tensors {bytes_text(result['peak_memory_bytes'])}, "
             f"peak RSS {bytes_text(result['peak_rss_bytes'])}")
 

@@ -74,6 +74,7 @@ class BenchSettings:
     gradient_checkpointing: bool | None = None  # None: the method's training default
     num_crops: int | None = None  # caps every image's crop budget; None: each workload's own
     vision_crops_per_chunk: int | None = None  # phivision's paths only: the official code has no such bound
+    micro_batch: int | None = None  # samples per pass on phivision's paths; None: a step's samples in one pass
 
     def train_config(self, path: DataPath) -> TrainConfig:
         return TrainConfig(model=self.model_dir or f"preset:{self.preset}", train_data="-", output_dir="-",
@@ -119,11 +120,13 @@ def official_inputs(encoding: Encoded, collator: Collator) -> dict[str, torch.Te
     return inputs
 
 
-def step_passes(encodings: list[Encoded], path: DataPath, collator: Collator) -> list[dict[str, torch.Tensor]]:
-    """The forward/backward passes of one optimiser step."""
+def step_passes(encodings: list[Encoded], path: DataPath, collator: Collator,
+                micro_batch: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The forward/backward passes of one optimiser step: `micro_batch` samples per pass (None: all)."""
     if path.one_sample_per_pass:
         return [official_inputs(encoding, collator) for encoding in encodings]
-    return [collator(encodings)]
+    size = micro_batch or len(encodings)
+    return [collator(encodings[start:start + size]) for start in range(0, len(encodings), size)]
 
 
 @contextlib.contextmanager
@@ -190,9 +193,11 @@ def timed_steps(model, optimizer, batches: list[list[Encoded]], passes: list[lis
         start = time.perf_counter()
         losses.append(train_step(model, optimizer, step_inputs, autocast, labels))
         synchronize(device)
+        seconds = time.perf_counter() - start
         if index >= warmup:
-            times.append(time.perf_counter() - start)
-        print(f"  {tag} step {index + 1}/{len(batches)}: loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+            times.append(seconds)
+        print(f"  {tag} step {index + 1}/{len(batches)}: loss {losses[-1]:.4f} ({seconds:.1f} s)", file=sys.stderr,
+              flush=True)
     return losses, times
 
 
@@ -234,7 +239,8 @@ def measure_path(settings: BenchSettings, name: str, encodings: list[Encoded], c
     model.train()
     optimizer = make_optimizer(model, config.resolved_learning_rate)
     batches = [encodings[start:start + settings.batch_size] for start in range(0, len(encodings), settings.batch_size)]
-    passes = [[to_device(inputs, device) for inputs in step_passes(batch, path, collator)] for batch in batches]
+    passes = [[to_device(inputs, device) for inputs in step_passes(batch, path, collator, settings.micro_batch)]
+              for batch in batches]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     with official_compute(model, path.official_compute):
         losses, times = timed_steps(model, optimizer, batches, passes, autocast, device, settings.warmup,

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=10, help="timed optimiser steps per method (default: 10)")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: 2)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="samples per optimiser step (default: 4)")
+    parser.add_argument("--micro-batch", type=positive_int, metavar="N",
+                        help="phivision's paths pack N samples per forward pass and accumulate gradients over a step's "
+                             "passes, as per_device_batch_size does in training (default: all of a step's samples)")
     parser.add_argument("--compare", nargs="?", const="official,padded", metavar="PATHS",
                         help="also run the official recipe's data path and right-padded batches on the same samples "
                              "and weights, and print ratios; PATHS limits it to some of official,padded")
@@ -69,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                          precision=args.precision, attn=args.attn, lora_rank=args.lora_rank, seed=args.seed,
                          matmul_size=args.matmul_size, threads=args.threads,
                          gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
-                         num_crops=args.num_crops, vision_crops_per_chunk=args.vision_chunk)
+                         num_crops=args.num_crops, vision_crops_per_chunk=args.vision_chunk,
+                         micro_batch=args.micro_batch)
     machine = report.machine_description()
     print(report.header(asdict(base), machine), flush=True)
     document = report.Document(_command_line(args), report.git_commit(), machine, {**asdict(base), "methods": methods})
@@ -125,6 +129,7 @@ def _command_line(args: argparse.Namespace) -> str:
             f"--gradient-checkpointing {args.gradient_checkpointing}"
             + (f" --num-crops {args.num_crops}" if args.num_crops else "")
             + (f" --vision-chunk {args.vision_chunk}" if args.vision_chunk else "")
+            + (f" --micro-batch {args.micro_batch}" if args.micro_batch else "")
             + (f" --compare {args.compare}" if args.compare else ""))
 
 
