@@ -253,12 +253,15 @@ def bench_arguments(argv: list[str]):
 
 def test_compare_measures_the_real_clip_tower_by_default():
     args = bench_arguments(["--compare"])
-    assert (args.preset, args.workload, args.num_crops, args.vision_chunk) == ("clip-l", "docvqa", 4, 5)
+    assert (args.preset, args.workload, args.num_crops, args.micro_batch, args.vision_chunk) == (
+        "clip-l", "docvqa", 4, 1, 5)
     assert args.compare == "official,padded"
-    args = bench_arguments(["--compare", "official", "--num-crops", "2", "--vision-chunk", "3"])
-    assert (args.preset, args.num_crops, args.vision_chunk, args.compare) == ("clip-l", 2, 3, "official")
+    args = bench_arguments(["--compare", "official", "--num-crops", "2", "--vision-chunk", "3", "--micro-batch", "4"])
+    assert (args.preset, args.num_crops, args.vision_chunk, args.micro_batch, args.compare) == (
+        "clip-l", 2, 3, 4, "official")
     args = bench_arguments([])
-    assert (args.preset, args.workload, args.num_crops, args.vision_chunk) == ("small", "mixed", None, None)
+    assert (args.preset, args.workload, args.num_crops, args.micro_batch, args.vision_chunk) == (
+        "small", "mixed", None, None, None)
     args = bench_arguments(["--preset", "small", "--compare"])
     assert (args.preset, args.workload, args.num_crops) == ("small", "mixed", None)
 

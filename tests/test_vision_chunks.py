@@ -135,3 +135,27 @@ def test_a_resume_may_change_the_chunk_size_but_not_the_crops(tmp_path):
     assert check_same_run(tmp_path, run_record(dataclasses.replace(config, vision_crops_per_chunk=17), 1))
     with pytest.raises(PhivisionError, match="num_crops 4 -> 16"):
         check_same_run(tmp_path, run_record(dataclasses.replace(config, num_crops=16), 1))
+
+
+def test_training_with_chunks_recomputes_and_learns_the_same(tmp_path, tiny_model_dir, digits, monkeypatch):
+    """`vision_crops_per_chunk` reaches the model a run trains: the same losses and weights, CLIP recomputed."""
+    from helpers import losses, tensors, train_run
+
+    from phivision.model import vision
+
+    recomputed = []
+
+    def counting_checkpoint(function, chunk, **kwargs):
+        recomputed.append(len(chunk))
+        return torch.utils.checkpoint.checkpoint(function, chunk, **kwargs)
+
+    train_run(tiny_model_dir, digits, tmp_path / "whole", max_steps=3, logging_steps=1)
+    assert recomputed == []
+    monkeypatch.setattr(vision, "checkpoint", counting_checkpoint)
+    train_run(tiny_model_dir, digits, tmp_path / "chunks", max_steps=3, logging_steps=1, vision_crops_per_chunk=5)
+    # 8 images of 2 crops (the global view and one crop) per micro-batch: chunks of 5, 5, 5 and 1.
+    assert recomputed == [5, 5, 5] * 3
+    assert losses(tmp_path / "chunks") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+    whole, chunks = tensors(tmp_path / "whole" / "model"), tensors(tmp_path / "chunks" / "model")
+    for name, weight in whole.items():
+        torch.testing.assert_close(chunks[name], weight, rtol=1e-4, atol=1e-5, msg=name)

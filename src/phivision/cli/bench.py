@@ -95,17 +95,18 @@ def run(args: argparse.Namespace) -> int:
     return 1 if document.errors else 0
 
 
-# What `clip-l` runs unless told otherwise: pages at 4 crops (2x2 + the global view, as the issue
-# measuring the official recipe used), CLIP in chunks of one such page, so a step of 4 packed pages
-# holds one page's CLIP activations, as the official batch-1 recipe does.
-PRESET_DEFAULTS = {"clip-l": {"workload": "docvqa", "num_crops": 4, "vision_chunk": 5}}
+# What `clip-l` runs unless told otherwise: pages at 4 crops (2x2 and the global view; at 16 crops
+# the official path's step does not fit a CPU's memory), one sample per pass as training's default
+# per_device_batch_size of 1 does (CLIP's passes are large enough that packing gains nothing, see
+# BENCHMARKS.md), and CLIP over at most one page's crops at a time if `--micro-batch` packs more.
+PRESET_DEFAULTS = {"clip-l": {"workload": "docvqa", "num_crops": 4, "micro_batch": 1, "vision_chunk": 5}}
 
 
 def _resolve_defaults(args: argparse.Namespace) -> None:
     """Options left unset take the preset's defaults; `--compare` measures the real CLIP tower by default."""
     if not args.model and args.preset is None:
         args.preset = "clip-l" if args.compare else "small"
-    defaults = {"workload": "mixed", "num_crops": None, "vision_chunk": None,
+    defaults = {"workload": "mixed", "num_crops": None, "micro_batch": None, "vision_chunk": None,
                 **PRESET_DEFAULTS.get(None if args.model else args.preset, {})}
     for key, value in defaults.items():
         if getattr(args, key) is None:
