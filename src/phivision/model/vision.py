@@ -58,7 +58,7 @@ class CLIPVisionTower(nn.Module):
     def chunked_features(self, crops: torch.Tensor, crops_per_chunk: int | None) -> torch.Tensor:
         """`penultimate_features` over at most `crops_per_chunk` crops at a time.
 
-        Training keeps every crop's CLIP activations until the backward pass (about 1.3 GB per
+        Training keeps every crop's CLIP activations until the backward pass (about 1.1 GiB per
         336-px crop in fp32), so a micro-batch of many images needs memory for all of them. Here
         every chunk but the last is recomputed in the backward pass instead, and the backward runs
         the chunks last to first, so one chunk's activations are live at a time, at the cost of a
