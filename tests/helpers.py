@@ -122,6 +122,23 @@ def run_cli(argv: list[str]) -> str:
     return buffer.getvalue()
 
 
+def phivision_in_process(capfd, *args: str) -> subprocess.CompletedProcess:
+    """`phivision ARGS` run by this process: its exit status and what it printed (`capfd` captures both).
+
+    For tests of what a command prints, writes and returns, where no process matters (signals, locks
+    of other pids, umasks, torchrun keep their subprocesses): a fresh interpreter spends seconds
+    importing torch and transformers. An exception that escapes `main` fails the test, as a
+    traceback from a subprocess would.
+    """
+    capfd.readouterr()
+    try:
+        status = main(list(args))
+    except SystemExit as exit:  # argparse's usage errors
+        status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(["phivision", *args], status, captured.out, captured.err)
+
+
 def train_values(model_dir, digits: Path, out: Path, **overrides) -> dict:
     """A short full fine-tune's config on `digits/small_train.jsonl` (see the `digits` fixture)."""
     values = {

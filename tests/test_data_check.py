@@ -6,12 +6,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import base_config, phivision_command, run_on_two_processes, write_lines, write_yaml
+from helpers import base_config, phivision_in_process, run_on_two_processes, write_lines, write_yaml
 from PIL import Image, ImageFile
 
 from phivision.data import dataset as dataset_module
@@ -122,7 +121,8 @@ def test_ddp_timeout_reaches_the_trainer_and_must_be_positive(tmp_path, tiny_mod
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_an_image_truncated_after_its_header_stops_training_with_one_line(tmp_path, tiny_model_dir, digits, workers):
+def test_an_image_truncated_after_its_header_stops_training_with_one_line(tmp_path, tiny_model_dir, digits, workers,
+                                                                          capfd):
     """It passes the header check; the first step that loads it fails with the sample's file:line."""
     lines = (digits / "small_train.jsonl").read_text().splitlines()[:8]
     record = json.loads(lines[3])
@@ -137,8 +137,7 @@ def test_an_image_truncated_after_its_header_stops_training_with_one_line(tmp_pa
     data.write_text("\n".join(lines) + "\n")
     values = base_config(tiny_model_dir, tmp_path, tmp_path / "run", train_image_root=str(digits / "images"),
                          max_steps=2, save_steps=100, dataloader_workers=workers)
-    completed = subprocess.run(phivision_command("train", str(write_yaml(tmp_path / "c.yaml", values))),
-                               capture_output=True, text=True, timeout=600)
+    completed = phivision_in_process(capfd, "train", str(write_yaml(tmp_path / "c.yaml", values)))
     assert completed.returncode == 2, completed.stderr[-3000:]
     assert "Traceback" not in completed.stderr
     errors = [line.split("phivision train: error: ", 1)[1] for line in completed.stderr.splitlines()

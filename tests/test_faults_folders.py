@@ -1,7 +1,8 @@
 """Faults around folders, met as a user meets them: a second run into a busy output folder,
 exports and init-tiny onto existing weights, file modes, broken model folders, configs that would
-learn nothing, an existing eval output file, a closed pipe. Each is a subprocess whose exit code,
-output (never a traceback) and files on disk are checked."""
+learn nothing, an existing eval output file, a closed pipe. Each is a command whose exit code,
+output (never a traceback) and files on disk are checked: in a subprocess where processes matter
+(a second run, locks of other pids, umasks, torchrun, a pipe), else in this process (`phivision_here`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from helpers import phivision_in_process
 from test_train import base_config, digits_data, phivision_command, torchrun, wait_for, write_yaml  # noqa: F401
 
 LOCK_NAME = ".lock"  # the lock file a user may be told to delete
@@ -24,6 +27,24 @@ def phivision(*args: str, umask: int | None = None, timeout: float = 300) -> sub
     """The CLI in a subprocess, as a user runs it; asserts it printed no traceback."""
     completed = subprocess.run(phivision_command(*args), capture_output=True, text=True, timeout=timeout,
                                preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+    assert "Traceback" not in completed.stdout + completed.stderr, completed.stderr
+    return completed
+
+
+def phivision_commands(*commands: list[str], umask: int) -> subprocess.CompletedProcess:
+    """`phivision` commands in turn, in one child process under `umask` (one interpreter's imports, not one
+    per command), stopping at the first that fails; asserts none printed a traceback."""
+    script = ("import sys\nfrom phivision.cli.main import main\n"
+              f"for argv in {commands!r}:\n    status = main(argv)\n    if status:\n        sys.exit(status)\n")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                               preexec_fn=lambda: os.umask(umask))
+    assert "Traceback" not in completed.stdout + completed.stderr, completed.stderr
+    return completed
+
+
+def phivision_here(capfd, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in this process, saving a subprocess's imports; asserts it printed no traceback."""
+    completed = phivision_in_process(capfd, *args)
     assert "Traceback" not in completed.stdout + completed.stderr, completed.stderr
     return completed
 
@@ -93,9 +114,9 @@ def test_a_lock_left_by_a_dead_run_on_this_host_is_taken_over(tmp_path, tiny_mod
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
-def test_a_lock_from_another_host_is_refused_saying_how_to_remove_it(tmp_path, tiny_model_dir, digits_data):
+def test_a_lock_from_another_host_is_refused_saying_how_to_remove_it(tmp_path, tiny_model_dir, digits_data, capfd):
     lock = write_lock(tmp_path / "run", "node-elsewhere", 1234)
-    completed = phivision("train", str(train_config(tmp_path, tiny_model_dir, digits_data, max_steps=1)))
+    completed = phivision_here(capfd, "train", str(train_config(tmp_path, tiny_model_dir, digits_data, max_steps=1)))
     error = one_line_error(completed, "train")
     assert "another machine (pid 1234 on node-elsewhere" in error and f"delete {lock}" in error
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME]  # nothing written
@@ -111,10 +132,11 @@ def test_under_torchrun_a_refusal_by_rank_0_stops_every_rank(tmp_path, tiny_mode
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME]
 
 
-def test_the_lock_is_released_when_training_fails(tmp_path, tiny_model_dir, digits_data):
+def test_the_lock_is_released_when_training_fails(tmp_path, tiny_model_dir, digits_data, capfd):
     data = tmp_path / "broken.jsonl"
     data.write_text('{"id": "x", "conversations": [{"images": ["missing.png"], "user": "q", "assistant": "a"}]}\n')
-    completed = phivision("train", str(train_config(tmp_path, tiny_model_dir, digits_data, train_data=str(data))))
+    config = train_config(tmp_path, tiny_model_dir, digits_data, train_data=str(data))
+    completed = phivision_here(capfd, "train", str(config))
     assert "1 invalid sample(s)" in one_line_error(completed, "train")
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
@@ -122,14 +144,14 @@ def test_the_lock_is_released_when_training_fails(tmp_path, tiny_model_dir, digi
 # ---- nothing the user made is overwritten ---------------------------------------------------
 
 
-def test_init_tiny_refuses_a_folder_with_weights_unless_told_to_overwrite(tmp_path):
+def test_init_tiny_refuses_a_folder_with_weights_unless_told_to_overwrite(tmp_path, capfd):
     folder = tmp_path / "tiny"
-    assert phivision("init-tiny", str(folder)).returncode == 0
+    assert phivision_here(capfd, "init-tiny", str(folder)).returncode == 0
     before = fingerprint(folder)
-    error = one_line_error(phivision("init-tiny", str(folder), "--seed", "1"), "init-tiny")
+    error = one_line_error(phivision_here(capfd, "init-tiny", str(folder), "--seed", "1"), "init-tiny")
     assert "already holds weights (model.safetensors)" in error and "--overwrite" in error
     assert fingerprint(folder) == before
-    assert phivision("init-tiny", str(folder), "--seed", "1", "--overwrite").returncode == 0
+    assert phivision_here(capfd, "init-tiny", str(folder), "--seed", "1", "--overwrite").returncode == 0
     assert fingerprint(folder)["model.safetensors"] != before["model.safetensors"]
 
 
@@ -145,7 +167,7 @@ def lora_run(tmp_path_factory, tiny_model_dir, digits_data):
 
 
 @pytest.mark.parametrize("target", ["non-empty", "base model"])
-def test_export_refuses_a_non_empty_folder_before_any_work(tmp_path, tiny_model_dir, lora_run, target):
+def test_export_refuses_a_non_empty_folder_before_any_work(tmp_path, tiny_model_dir, lora_run, target, capfd):
     if target == "base model":
         out = Path(tiny_model_dir)
     else:
@@ -153,7 +175,7 @@ def test_export_refuses_a_non_empty_folder_before_any_work(tmp_path, tiny_model_
         out.mkdir()
         (out / "notes.txt").write_text("mine")
     before = fingerprint(out)
-    error = one_line_error(phivision("export", "--run", str(lora_run), "--out", str(out)), "export")
+    error = one_line_error(phivision_here(capfd, "export", "--run", str(lora_run), "--out", str(out)), "export")
     assert f"--out {out} is not empty" in error and "--overwrite" in error
     assert ("the run's base model" in error) == (target == "base model")
     assert fingerprint(out) == before
@@ -169,13 +191,12 @@ def modes(folder: Path) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("umask, mode", [(0o022, "0o644"), (0o077, "0o600")])
 def test_every_written_file_follows_the_umask(tmp_path, tiny_model_dir, digits_data, lora_run, umask, mode):
-    tiny = tmp_path / "tiny"
-    assert phivision("init-tiny", str(tiny), umask=umask).returncode == 0
+    tiny, export = tmp_path / "tiny", tmp_path / "export"
     config = train_config(tmp_path, tiny_model_dir, digits_data, max_steps=1, save_steps=1)
-    assert phivision("train", str(config), umask=umask).returncode == 0
-    export = tmp_path / "export"
-    assert phivision("export", "--run", str(lora_run), "--out", str(export), "--precision", "fp32",
-                     umask=umask).returncode == 0
+    completed = phivision_commands(["init-tiny", str(tiny)], ["train", str(config)],
+                                   ["export", "--run", str(lora_run), "--out", str(export), "--precision", "fp32"],
+                                   umask=umask)
+    assert completed.returncode == 0, completed.stderr
     run = tmp_path / "run"
     for folder in (tiny, run / "model", run / "checkpoint-1", export):
         assert modes(folder) == {mode}, folder
@@ -227,19 +248,20 @@ def broken_model(request, tmp_path, tiny_model_dir) -> Path:
 
 
 @pytest.mark.parametrize("broken_model", list(BROKEN), indirect=True)
-def test_training_on_a_broken_model_folder_fails_before_the_data_check(tmp_path, broken_model, digits_data, request):
+def test_training_on_a_broken_model_folder_fails_before_the_data_check(tmp_path, broken_model, digits_data, request,
+                                                                       capfd):
     data = tmp_path / "broken.jsonl"  # the data is broken too: the model must be what's reported
     data.write_text('{"id": "x", "conversations": [{"images": ["missing.png"], "user": "q", "assistant": "a"}]}\n')
     config = write_yaml(tmp_path / "c.yaml", base_config(broken_model, digits_data, tmp_path / "run",
                                                          train_data=str(data)))
-    error = one_line_error(phivision("train", str(config)), "train")
+    error = one_line_error(phivision_here(capfd, "train", str(config)), "train")
     assert BROKEN[request.node.callspec.params["broken_model"]] in error
     assert "missing.png" not in error
 
 
 @pytest.mark.parametrize("broken_model", ["truncated"], indirect=True)
 @pytest.mark.parametrize("command", ["eval", "predict", "export"])
-def test_eval_predict_and_export_check_the_model_folder_first(tmp_path, broken_model, digits_data, command):
+def test_eval_predict_and_export_check_the_model_folder_first(tmp_path, broken_model, digits_data, command, capfd):
     if command == "eval":
         args = ["eval", "--model", str(broken_model), "--data", str(digits_data / "small_test.jsonl")]
     elif command == "predict":
@@ -250,32 +272,33 @@ def test_eval_predict_and_export_check_the_model_folder_first(tmp_path, broken_m
         write_yaml(run / "config.yaml", {"model": str(broken_model), "method": "lora",
                                          "train_data": str(digits_data / "small_train.jsonl")})
         args = ["export", "--run", str(run), "--out", str(tmp_path / "out")]
-    error = one_line_error(phivision(*args), command)
+    error = one_line_error(phivision_here(capfd, *args), command)
     assert BROKEN["truncated"] in error
 
 
 # ---- configs that would learn nothing, or less than they seem to ----------------------------
 
 
-def test_a_run_whose_only_step_is_at_learning_rate_zero_is_refused(tmp_path, tiny_model_dir, digits_data):
+def test_a_run_whose_only_step_is_at_learning_rate_zero_is_refused(tmp_path, tiny_model_dir, digits_data, capfd):
     data = tmp_path / "seventeen.jsonl"
     data.write_text("\n".join((digits_data / "small_train.jsonl").read_text().splitlines()[:17]) + "\n")
     config = write_yaml(tmp_path / "c.yaml", {"model": str(tiny_model_dir), "train_data": str(data),
                                               "output_dir": str(tmp_path / "run"),
                                               "train_image_root": str(digits_data / "images")})
-    error = one_line_error(phivision("train", str(config)), "train")
+    error = one_line_error(phivision_here(capfd, "train", str(config)), "train")
     assert "makes 1 optimiser step (17 samples, global_batch_size=64, epochs=1) and warm-up takes it at " \
            "learning rate 0 (warmup_steps=50)" in error
     assert not (tmp_path / "run" / "model").exists()
 
 
-def test_configs_that_train_less_than_they_seem_get_a_warning_naming_the_fix(tmp_path, tiny_model_dir, digits_data):
+def test_configs_that_train_less_than_they_seem_get_a_warning_naming_the_fix(tmp_path, tiny_model_dir, digits_data,
+                                                                            capfd):
     data = tmp_path / "six.jsonl"
     data.write_text("\n".join((digits_data / "small_train.jsonl").read_text().splitlines()[:6]) + "\n")
     config = train_config(tmp_path, tiny_model_dir, digits_data, train_data=str(data),
                           train_image_root=str(digits_data / "images"), max_steps=2, warmup_steps=5,
                           eval_data=str(digits_data / "small_test.jsonl"), lora_rank=8)
-    completed = phivision("train", str(config))
+    completed = phivision_here(capfd, "train", str(config))
     assert completed.returncode == 0, completed.stderr
     warnings = [line for line in completed.stderr.splitlines() if line.startswith("phivision train: warning: ")]
     assert len(warnings) == 4, completed.stderr
@@ -299,11 +322,11 @@ def test_the_step_count_is_the_trainers(tiny_model_dir, overrides, samples, worl
 # ---- eval output and pipes ------------------------------------------------------------------
 
 
-def test_eval_into_an_existing_file_fails_before_generating(tmp_path, tiny_model_dir, digits_data):
+def test_eval_into_an_existing_file_fails_before_generating(tmp_path, tiny_model_dir, digits_data, capfd):
     out = tmp_path / "results.json"
     out.write_text("earlier results")
-    completed = phivision("eval", "--model", str(tiny_model_dir), "--data", str(digits_data / "small_test.jsonl"),
-                          "--out", str(out))
+    completed = phivision_here(capfd, "eval", "--model", str(tiny_model_dir), "--data",
+                               str(digits_data / "small_test.jsonl"), "--out", str(out))
     assert f"--out {out} is a file" in one_line_error(completed, "eval")
     assert out.read_text() == "earlier results"
 

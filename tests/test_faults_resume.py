@@ -1,8 +1,9 @@
 """Training runs never lose work, and never silently do something other than the config says.
 
-Each fault is met as a user meets it: `phivision train` in a subprocess, real signals, a full or
-read-only disk (a small tmpfs when this machine lets us mount one, else an injected error), then
-the exit status, the output and what is on disk.
+Each fault is met as a user meets it: `phivision train` (in a subprocess where signals reach it,
+else in this process, which saves a fresh interpreter's imports), real signals, a full or read-only
+disk (a small tmpfs when this machine lets us mount one, else an injected error), then the exit
+status, the output and what is on disk.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import base_config, phivision_command, torchrun_command, wait_for, write_yaml
+from helpers import base_config, phivision_command, phivision_in_process, torchrun_command, wait_for, write_yaml
 from safetensors.torch import load_file
 
 from phivision.errors import PhivisionError
@@ -27,7 +28,15 @@ from phivision.train.config import load_config
 from phivision.train.run import run_training
 
 
-def train_cli(config: Path, *args: str) -> subprocess.CompletedProcess:
+def train_cli(capfd, config: Path, *args: str) -> subprocess.CompletedProcess:
+    """`phivision train CONFIG ARGS` in this process; asserts it printed no traceback."""
+    completed = phivision_in_process(capfd, "train", str(config), *args)
+    assert "Traceback" not in completed.stdout + completed.stderr, completed.stderr[-3000:]
+    return completed
+
+
+def train_process(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """`phivision train CONFIG ARGS` in a subprocess; asserts it printed no traceback."""
     completed = subprocess.run(phivision_command("train", str(config), *args), capture_output=True, text=True,
                                timeout=600)
     assert "Traceback" not in completed.stdout + completed.stderr, completed.stderr[-3000:]
@@ -55,13 +64,13 @@ def error_line(completed: subprocess.CompletedProcess) -> str:
 # ---- resume continues the same run ---------------------------------------------------------
 
 
-def test_resume_under_another_config_is_refused_before_anything_is_rewritten(tmp_path, tiny_model_dir, digits):
+def test_resume_under_another_config_is_refused_before_anything_is_rewritten(tmp_path, tiny_model_dir, digits, capfd):
     data = tmp_path / "data"
     shutil.copytree(digits, data)
     config = first_run(tmp_path, tiny_model_dir, data)
     run = tmp_path / "run"
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
-    changed = train_cli(config, "--set", "learning_rate=0.01", "--set", "method=lora", "--set",
+    changed = train_cli(capfd, config, "--set", "learning_rate=0.01", "--set", "method=lora", "--set",
                         "per_device_batch_size=4", "--set", "max_steps=6", "--resume", "auto")
     line = error_line(changed)
     for difference in ("learning_rate 0.003 -> 0.01", "method 'full' -> 'lora'", "per_device_batch_size 8 -> 4"):
@@ -69,16 +78,17 @@ def test_resume_under_another_config_is_refused_before_anything_is_rewritten(tmp
     assert "max_steps 3" not in line  # lengthening a run is allowed
     lines = (data / "small_train.jsonl").read_text().splitlines()
     (data / "small_train.jsonl").write_text("\n".join(lines[1:]) + "\n")
-    assert "train_data_sha256" in error_line(train_cli(config, "--set", "max_steps=6", "--resume", "auto"))
+    assert "train_data_sha256" in error_line(train_cli(capfd, config, "--set", "max_steps=6", "--resume", "auto"))
     assert {name: (run / name).read_bytes() for name in before} == before
     assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-3"]
 
 
-def test_a_finished_run_is_left_alone_and_a_longer_one_follows_the_new_schedule(tmp_path, tiny_model_dir, digits):
+def test_a_finished_run_is_left_alone_and_a_longer_one_follows_the_new_schedule(tmp_path, tiny_model_dir, digits,
+                                                                                capfd):
     config = first_run(tmp_path, tiny_model_dir, digits)
     run = tmp_path / "run"
     weights = (run / "model" / "model.safetensors").read_bytes()
-    again = train_cli(config, "--resume", "auto")  # a job script rerun
+    again = train_cli(capfd, config, "--resume", "auto")  # a job script rerun
     assert again.returncode == 0 and "already finished: 3 steps" in again.stdout, again.stdout + again.stderr[-2000:]
     assert (run / "model" / "model.safetensors").read_bytes() == weights
     assert max(logged(run, "loss")) == 3 and not (run / "checkpoint-4").exists()
@@ -87,7 +97,7 @@ def test_a_finished_run_is_left_alone_and_a_longer_one_follows_the_new_schedule(
     assert rewritten.global_step == 3 and max(logged(run, "loss")) == 3
     assert (run / "model" / "model.safetensors").read_bytes() == weights
 
-    longer = train_cli(config, "--set", "max_steps=6", "--resume", "auto")
+    longer = train_cli(capfd, config, "--set", "max_steps=6", "--resume", "auto")
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert f"resuming from {run / 'checkpoint-3'} (step 3)" in longer.stdout
     rates = logged(run, "learning_rate")
@@ -96,18 +106,18 @@ def test_a_finished_run_is_left_alone_and_a_longer_one_follows_the_new_schedule(
         assert rates[step] == pytest.approx(3e-3 * (6 - (step - 1)) / 6, rel=1e-6), rates
 
 
-def test_an_incomplete_checkpoint_is_never_used_silently(tmp_path, tiny_model_dir, digits):
+def test_an_incomplete_checkpoint_is_never_used_silently(tmp_path, tiny_model_dir, digits, capfd):
     config = first_run(tmp_path, tiny_model_dir, digits, max_steps=6, save_total_limit=None)
     run = tmp_path / "run"
     (run / "checkpoint-6" / "optimizer.pt").unlink()
-    explicit = train_cli(config, "--resume", str(run / "checkpoint-6"))
+    explicit = train_cli(capfd, config, "--resume", str(run / "checkpoint-6"))
     assert "checkpoint is incomplete, optimizer.pt missing" in error_line(explicit)
     (run / "checkpoint-3" / "rng_state.pth").rename(run / "rng_state.pth")
     with pytest.raises(PhivisionError, match="checkpoint is incomplete, rng_state.pth missing"):
         run_training(load_config(config), resume=str(run / "checkpoint-3"))
     (run / "rng_state.pth").rename(run / "checkpoint-3" / "rng_state.pth")
     shutil.rmtree(run / "model")
-    auto = train_cli(config, "--resume", "auto")
+    auto = train_cli(capfd, config, "--resume", "auto")
     assert auto.returncode == 0, auto.stderr[-3000:]
     assert "checkpoint-6 is incomplete (optimizer.pt missing): not used" in auto.stdout
     assert "(step 3)" in auto.stdout and (run / "model" / "model.safetensors").is_file()
@@ -221,11 +231,11 @@ def tmpfs(folder: Path, size_mb: int, read_only: bool = False):
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, tiny_model_dir, digits):
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, tiny_model_dir, digits, capfd):
     """A tiny checkpoint is 51 MB: 80 MB hold checkpoint-3 but not the staged checkpoint-6 beside it."""
     with tmpfs(tmp_path / "disk", 80) as disk:
         values = base_config(tiny_model_dir, digits, disk / "run", save_total_limit=1)
-        completed = train_cli(write_yaml(tmp_path / "c.yaml", values))
+        completed = train_cli(capfd, write_yaml(tmp_path / "c.yaml", values))
         line = error_line(completed)
         assert f"saving checkpoint-6 into {disk / 'run'} failed" in line and "No space left on device" in line
         assert f"the previous checkpoint {disk / 'run' / 'checkpoint-3'} is intact" in line
@@ -239,7 +249,7 @@ def test_a_read_only_folder_during_a_save_keeps_the_previous_checkpoint(tmp_path
     run = tmp_path / "run"
     kept = {path.name: path.read_bytes() for path in (run / "checkpoint-3").iterdir()}
     with tmpfs(staging_dir(run), 1, read_only=True):  # where every checkpoint is written first
-        completed = train_cli(config, "--set", "max_steps=6", "--resume", "auto")
+        completed = train_process(config, "--set", "max_steps=6", "--resume", "auto")
     line = error_line(completed)
     assert f"saving checkpoint-6 into {run} failed (Read-only file system)" in line
     assert {path.name: path.read_bytes() for path in (run / "checkpoint-3").iterdir()} == kept

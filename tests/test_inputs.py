@@ -7,12 +7,11 @@ import importlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import phivision_in_process
 from PIL import Image
 
 from phivision.cli.main import main
@@ -132,30 +131,25 @@ def _dataset(folder: Path, ids: list[str], user: str = "What digit is this?", an
     return path
 
 
-def _phivision(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "phivision.cli.main", *args], capture_output=True, text=True,
-                          timeout=300)
-
-
-def test_validate_fails_on_a_duplicate_id_naming_both_lines(tmp_path):
+def test_validate_fails_on_a_duplicate_id_naming_both_lines(tmp_path, capfd):
     data = _dataset(tmp_path, ["a", "b", "a"])
-    completed = _phivision("validate", str(data))
+    completed = phivision_in_process(capfd, "validate", str(data))
     assert completed.returncode == 1
     assert f'{data}:3: duplicate id "a" (first at line 1)' in completed.stdout
     assert "FAILED: 1 problem(s)" in completed.stdout and "Traceback" not in completed.stderr
-    allowed = _phivision("validate", str(data), "--allow-duplicate-ids")
+    allowed = phivision_in_process(capfd, "validate", str(data), "--allow-duplicate-ids")
     assert allowed.returncode == 0, allowed.stdout
     assert "duplicate ids: 1 (allowed; first:" in allowed.stdout
 
 
-def test_training_and_eval_refuse_duplicate_ids_up_front(tmp_path, tiny_processor):
+def test_training_and_eval_refuse_duplicate_ids_up_front(tmp_path, tiny_processor, capfd):
     from phivision.data.dataset import check_dataset
 
     data = _dataset(tmp_path, ["a", "b", "a"])
     with pytest.raises(PhivisionError, match=re.escape(f'{data}:3: duplicate id "a" (first at line 1)')):
         check_dataset(data, tiny_processor)
     assert check_dataset(data, tiny_processor, skip_invalid=True).indices == [0, 1]
-    completed = _phivision("eval", "--model", "no-model-needed", "--data", str(data))
+    completed = phivision_in_process(capfd, "eval", "--model", "no-model-needed", "--data", str(data))
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert completed.stderr.startswith(f'phivision eval: error: {data}:3: duplicate id "a" (first at line 1)')
     assert "--allow-duplicate-ids" in completed.stderr

@@ -16,6 +16,7 @@ from helpers import (phivision_command, run_on_two_processes, train_run, train_v
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from phivision.cli.main import main
 from phivision.data.sampler import EpochShuffleSampler
 from phivision.errors import PhivisionError
 
@@ -105,22 +106,39 @@ def _train_on_rank(rank: int, port: int, results, run) -> None:
         results[rank] = run()
 
 
+TEXT_ONLY_METHODS = ["full", "freeze_vision", "projector_only", "lora", "qlora"]
+
+
+def text_only_runs_of_every_method(model_dir, digits: Path, data: Path, out: Path) -> dict[str, int]:
+    """Each method's run in turn, its first gradients in out/METHOD/gradients.pt; steps made per method."""
+    return {method: text_only_run(model_dir, digits, data, out / method, method,
+                                  [FirstStepGradients(out / method / "gradients.pt")])
+            for method in TEXT_ONLY_METHODS}
+
+
+@pytest.fixture(scope="module")
+def text_only_ddp(tmp_path_factory, tiny_model_dir, digits) -> tuple[Path, Path, dict]:
+    """One pair of processes trains every method (one launch, not five): the data, the runs, steps per rank."""
+    folder = tmp_path_factory.mktemp("text-only")
+    data = write_images_then_text(digits, folder / "mixed.jsonl", seed=0)
+    run = partial(text_only_runs_of_every_method, tiny_model_dir, digits, data, folder / "ddp")
+    return data, folder / "ddp", run_on_two_processes(partial(_train_on_rank, run=run))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "freeze_vision", "projector_only", "lora", "qlora"])
+@pytest.mark.parametrize("method", TEXT_ONLY_METHODS)
 def test_a_rank_with_only_text_micro_batches_gets_the_gradients_of_one_process(tmp_path, tiny_model_dir, digits,
-                                                                               method):
+                                                                               text_only_ddp, method):
     """Without a vision pass on that rank, DDP reduced wrong gradients, then stopped at step 2."""
-    data = write_images_then_text(digits, tmp_path / "mixed.jsonl", seed=0)
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    text_only_run(tiny_model_dir, digits, data, single, method, [FirstStepGradients(tmp_path / "single.pt")])
-    run = partial(text_only_run, tiny_model_dir, digits, data, ddp, method, [FirstStepGradients(ddp / "gradients.pt")])
-    ranks = run_on_two_processes(partial(_train_on_rank, run=run))
-    assert ranks == {0: 2, 1: 2}  # both steps ran
-    expected, reduced = torch.load(tmp_path / "single.pt"), torch.load(ddp / "gradients.pt")
-    assert expected.keys() == reduced.keys()
-    assert any("vision_embed_tokens" in name for name in expected)
+    data, ddp, ranks = text_only_ddp
+    single = [FirstStepGradients(tmp_path / "single.pt")]
+    text_only_run(tiny_model_dir, digits, data, tmp_path / "single", method, single)
+    assert {rank: steps[method] for rank, steps in ranks.items()} == {0: 2, 1: 2}, method  # both steps ran
+    expected, reduced = torch.load(tmp_path / "single.pt"), torch.load(ddp / method / "gradients.pt")
+    assert expected.keys() == reduced.keys(), method
+    assert any("vision_embed_tokens" in name for name in expected), method
     for name, gradient in expected.items():
-        torch.testing.assert_close(reduced[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(reduced[name], gradient, rtol=1e-4, atol=1e-6, msg=f"{method}: {name}")
 
 
 
@@ -189,13 +207,14 @@ def test_a_token_budget_splits_every_epoch_evenly_over_two_processes(tmp_path, t
 
 @pytest.mark.slow
 def test_a_token_budget_run_killed_mid_epoch_resumes_bit_identical(tmp_path, tiny_model_dir, digits):
-    """Killed in the third epoch, after a shorter second one, the resumed run started at the wrong batch."""
+    """Killed in the third epoch, after a shorter second one, the resumed run started at the wrong batch.
+
+    Only the killed run needs its own process; the straight run and the resume run in this one."""
     data = write_varied_lengths(digits, tmp_path / "varied.jsonl")
     values = train_values(tiny_model_dir, digits, tmp_path / "straight", train_data=str(data),
                           train_image_root=str(digits / "images"), learning_rate=3e-3,
                           **{**BUDGET_RUN, "save_steps": 7, "save_total_limit": None})
-    straight = write_yaml(tmp_path / "straight.yaml", values)
-    subprocess.run(phivision_command("train", str(straight)), check=True, capture_output=True, timeout=600)
+    assert main(["train", str(write_yaml(tmp_path / "straight.yaml", values))]) == 0
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     in_epoch_3 = [r["step"] for r in records if "loss" in r and 2 < r["epoch"] < 3 and r["step"] % 7 == 0]
     assert in_epoch_3, "no checkpoint falls inside the third epoch"
@@ -206,8 +225,7 @@ def test_a_token_budget_run_killed_mid_epoch_resumes_bit_identical(tmp_path, tin
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "killed" / "model").exists()
-    subprocess.run(phivision_command("train", str(killed), "--resume", "auto"), check=True, capture_output=True,
-                   timeout=600)
+    assert main(["train", str(killed), "--resume", "auto"]) == 0
     first, second = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("straight", "killed"))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)

@@ -230,10 +230,10 @@ def test_too_long_sample_is_an_error_naming_the_fix(tmp_path, tiny_model_dir, di
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_model_dir, digits_data):
+    """Only the killed run needs its own process; the straight run and the resume run in this one."""
     values = base_config(tiny_model_dir, digits_data, tmp_path / "straight", max_steps=12, save_steps=6,
                          save_total_limit=None)
-    straight = write_yaml(tmp_path / "straight.yaml", values)
-    subprocess.run(phivision_command("train", str(straight)), check=True, capture_output=True)
+    assert main(["train", str(write_yaml(tmp_path / "straight.yaml", values))]) == 0
     killed = write_yaml(tmp_path / "killed.yaml", {**values, "output_dir": str(tmp_path / "killed")})
     process = subprocess.Popen(phivision_command("train", str(killed)), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -241,7 +241,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_model_dir, digits_
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "killed" / "model").exists()
-    subprocess.run(phivision_command("train", str(killed), "--resume", "auto"), check=True, capture_output=True)
+    assert main(["train", str(killed), "--resume", "auto"]) == 0
     first, second = tensors(tmp_path / "straight" / "model"), tensors(tmp_path / "killed" / "model")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
