@@ -65,3 +65,14 @@ def trained_model(trained):
     from phivision.evaluate.generate import load_for_inference
 
     return load_for_inference(trained.model_dir, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy machine threads wait on each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

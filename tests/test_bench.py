@@ -29,13 +29,7 @@ HAND = ModelShape(hidden=8, intermediate=16, layers=1, heads=2, kv_heads=2, voca
                   vision_intermediate=8, vision_layers=1, patch_size=2, image_size=4, image_dim_out=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
