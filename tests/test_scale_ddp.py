@@ -150,6 +150,43 @@ def test_zero3_trains_with_a_rank_that_has_only_text(tmp_path, tiny_model_dir, d
     run = partial(text_only_run, tiny_model_dir, digits, data, tmp_path / "run", "full", [], deepspeed="zero3")
     assert run_on_two_processes(partial(_train_on_rank, run=run)) == {0: 2, 1: 2}
 
+
+def write_image_text_alternating(digits: Path, path: Path) -> Path:
+    """Digit image, text only, in file order: one sample per eval batch puts every image on rank 0."""
+    images = [json.loads(line) for line in (digits / "small_test.jsonl").read_text().splitlines()[:3]]
+    texts = [{"id": f"eval-text-{i}", "conversations": [{"user": f"Say the digit after {word}.", "assistant": word}]}
+             for i, word in enumerate(["one", "two", "three"])]
+    write_lines(path, [sample for pair in zip(images, texts) for sample in pair])
+    return path
+
+
+def zero3_run_with_task_metric(model_dir, digits: Path, data: Path, out: Path, evaluation: dict) -> int:
+    """As `phivision train` runs it, so the task metric is computed at every evaluation."""
+    from phivision.cli.train import train_model
+
+    values = train_values(model_dir, digits, out, train_data=str(data), train_image_root=str(digits / "images"),
+                          global_batch_size=4, per_device_batch_size=1, max_steps=2, seed=0, precision="fp32",
+                          deepspeed="zero3", **evaluation)
+    return train_model(values).global_step
+
+
+@pytest.mark.slow
+def test_zero3_evaluates_with_a_rank_that_has_only_text(tmp_path, tiny_model_dir, digits, monkeypatch):
+    """The eval loss and the task metric under ZeRO-3: a rank whose eval batches are text only
+    skipped the vision tower's weight gathers that the other rank waited in."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    data = write_images_then_text(digits, tmp_path / "mixed.jsonl", seed=0)
+    evaluation = {"eval_data": str(write_image_text_alternating(digits, tmp_path / "eval.jsonl")),
+                  "eval_image_root": str(digits / "images"), "eval_steps": 2, "eval_samples": 6,
+                  "eval_batch_size": 1, "max_new_tokens": 2, "ddp_timeout": 60}
+    out = tmp_path / "run"
+    run = partial(zero3_run_with_task_metric, tiny_model_dir, digits, data, out, evaluation)
+    assert run_on_two_processes(partial(_train_on_rank, run=run)) == {0: 2, 1: 2}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [record for record in records if "eval_loss" in record]
+    assert len(evaluated) == 1 and evaluated[0]["step"] == 2
+    assert any("eval_accuracy" in record for record in records), records
+
 # ---- token budgets over several epochs -----------------------------------------------------
 
 # Greedy packing of the data below gives 11/10/11 micro-batches in epochs 0/1/2 with this seed.

@@ -134,8 +134,13 @@ class Phi3VModel(Phi3Model):
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        full_pass: bool = True,
     ) -> torch.Tensor:
-        """Token embeddings with image features written over every negative placeholder id."""
+        """Token embeddings with image features written over every negative placeholder id.
+
+        `full_pass` is False for a generation step that reads the earlier tokens from the cache:
+        such steps never carry images, on any rank.
+        """
         placeholders = input_ids < 0
         embeddings = self.embed_tokens(input_ids.clamp_min(0))
         num_placeholders = int(placeholders.sum())
@@ -144,7 +149,7 @@ class Phi3VModel(Phi3Model):
                 raise PhivisionError(
                     f"the input has {num_placeholders} image placeholder tokens but no pixel_values"
                 )
-            if self.training and torch.is_grad_enabled():
+            if (self.training and torch.is_grad_enabled()) or (full_pass and self._vision_weights_partitioned()):
                 return embeddings + self._vision_pass_contributing_nothing(embeddings)
             return embeddings
         features = self.vision_embed_tokens(pixel_values, image_sizes)
@@ -154,6 +159,18 @@ class Phi3VModel(Phi3Model):
                 f"{num_placeholders} placeholder tokens: the processor and model geometry disagree"
             )
         return embeddings.masked_scatter(placeholders.unsqueeze(-1), features.to(embeddings.dtype))
+
+    @staticmethod
+    def _vision_weights_partitioned() -> bool:
+        """Under ZeRO-3 every rank must run the tower in evaluation too: each module gathers its weights
+        from all ranks as it runs, so a rank with a text-only batch aborted the others' gathers.
+
+        (Asked of transformers, not of a weight: reading a partitioned weight from another module's
+        forward makes DeepSpeed fetch it there and breaks its recorded fetch order.)
+        """
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        return is_deepspeed_zero3_enabled()
 
     def _vision_pass_contributing_nothing(self, embeddings: torch.Tensor) -> torch.Tensor:
         """A zero scalar that has run the whole vision path on one blank 1x1-crop image.
@@ -217,7 +234,8 @@ class Phi3VForCausalLM(Phi3ForCausalLM):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
-            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes)
+            full_pass = cache is None or cache.get_seq_length() == 0
+            inputs_embeds = self.model.embed(input_ids, pixel_values, image_sizes, full_pass)
         if use_cache is None and (labels is not None or self.training):
             use_cache = False  # training needs no cache, and packed rows are only detected without one
         if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
