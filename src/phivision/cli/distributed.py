@@ -11,14 +11,12 @@ from contextlib import contextmanager
 
 
 def init_distributed() -> None:
-    import torch
-    import torch.distributed as dist
+    """Under `torchrun` with several processes, join the group as training does (same backend and timeout)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from phivision.train.config import TrainConfig
+        from phivision.train.run import join_process_group
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        join_process_group(TrainConfig.ddp_timeout)
 
 
 def leave_process_group(wait_for_peers: bool) -> None:
