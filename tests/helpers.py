@@ -128,7 +128,7 @@ def phivision_in_process(capfd, *args: str) -> subprocess.CompletedProcess:
     For tests of what a command prints, writes and returns, where no process matters (signals, locks
     of other pids, umasks, torchrun keep their subprocesses): a fresh interpreter spends seconds
     importing torch and transformers. An exception that escapes `main` fails the test, as a
-    traceback from a subprocess would.
+    traceback from a subprocess would; a printed traceback fails it too.
     """
     capfd.readouterr()
     try:
@@ -136,6 +136,7 @@ def phivision_in_process(capfd, *args: str) -> subprocess.CompletedProcess:
     except SystemExit as exit:  # argparse's usage errors
         status = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
     captured = capfd.readouterr()
+    assert "Traceback" not in captured.out + captured.err, captured.err[-3000:]
     return subprocess.CompletedProcess(["phivision", *args], status, captured.out, captured.err)
 
 

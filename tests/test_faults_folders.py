@@ -2,7 +2,8 @@
 exports and init-tiny onto existing weights, file modes, broken model folders, configs that would
 learn nothing, an existing eval output file, a closed pipe. Each is a command whose exit code,
 output (never a traceback) and files on disk are checked: in a subprocess where processes matter
-(a second run, locks of other pids, umasks, torchrun, a pipe), else in this process (`phivision_here`)."""
+(a second run, locks of other pids, umasks, torchrun, a pipe), else in this process
+(`phivision_in_process`)."""
 
 from __future__ import annotations
 
@@ -38,13 +39,6 @@ def phivision_commands(*commands: list[str], umask: int) -> subprocess.Completed
               f"for argv in {commands!r}:\n    status = main(argv)\n    if status:\n        sys.exit(status)\n")
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                                preexec_fn=lambda: os.umask(umask))
-    assert "Traceback" not in completed.stdout + completed.stderr, completed.stderr
-    return completed
-
-
-def phivision_here(capfd, *args: str) -> subprocess.CompletedProcess:
-    """The CLI in this process, saving a subprocess's imports; asserts it printed no traceback."""
-    completed = phivision_in_process(capfd, *args)
     assert "Traceback" not in completed.stdout + completed.stderr, completed.stderr
     return completed
 
@@ -116,8 +110,8 @@ def test_a_lock_left_by_a_dead_run_on_this_host_is_taken_over(tmp_path, tiny_mod
 
 def test_a_lock_from_another_host_is_refused_saying_how_to_remove_it(tmp_path, tiny_model_dir, digits_data, capfd):
     lock = write_lock(tmp_path / "run", "node-elsewhere", 1234)
-    completed = phivision_here(capfd, "train", str(train_config(tmp_path, tiny_model_dir, digits_data, max_steps=1)))
-    error = one_line_error(completed, "train")
+    config = train_config(tmp_path, tiny_model_dir, digits_data, max_steps=1)
+    error = one_line_error(phivision_in_process(capfd, "train", str(config)), "train")
     assert "another machine (pid 1234 on node-elsewhere" in error and f"delete {lock}" in error
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME]  # nothing written
 
@@ -136,7 +130,7 @@ def test_the_lock_is_released_when_training_fails(tmp_path, tiny_model_dir, digi
     data = tmp_path / "broken.jsonl"
     data.write_text('{"id": "x", "conversations": [{"images": ["missing.png"], "user": "q", "assistant": "a"}]}\n')
     config = train_config(tmp_path, tiny_model_dir, digits_data, train_data=str(data))
-    completed = phivision_here(capfd, "train", str(config))
+    completed = phivision_in_process(capfd, "train", str(config))
     assert "1 invalid sample(s)" in one_line_error(completed, "train")
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
@@ -146,12 +140,12 @@ def test_the_lock_is_released_when_training_fails(tmp_path, tiny_model_dir, digi
 
 def test_init_tiny_refuses_a_folder_with_weights_unless_told_to_overwrite(tmp_path, capfd):
     folder = tmp_path / "tiny"
-    assert phivision_here(capfd, "init-tiny", str(folder)).returncode == 0
+    assert phivision_in_process(capfd, "init-tiny", str(folder)).returncode == 0
     before = fingerprint(folder)
-    error = one_line_error(phivision_here(capfd, "init-tiny", str(folder), "--seed", "1"), "init-tiny")
+    error = one_line_error(phivision_in_process(capfd, "init-tiny", str(folder), "--seed", "1"), "init-tiny")
     assert "already holds weights (model.safetensors)" in error and "--overwrite" in error
     assert fingerprint(folder) == before
-    assert phivision_here(capfd, "init-tiny", str(folder), "--seed", "1", "--overwrite").returncode == 0
+    assert phivision_in_process(capfd, "init-tiny", str(folder), "--seed", "1", "--overwrite").returncode == 0
     assert fingerprint(folder)["model.safetensors"] != before["model.safetensors"]
 
 
@@ -175,7 +169,7 @@ def test_export_refuses_a_non_empty_folder_before_any_work(tmp_path, tiny_model_
         out.mkdir()
         (out / "notes.txt").write_text("mine")
     before = fingerprint(out)
-    error = one_line_error(phivision_here(capfd, "export", "--run", str(lora_run), "--out", str(out)), "export")
+    error = one_line_error(phivision_in_process(capfd, "export", "--run", str(lora_run), "--out", str(out)), "export")
     assert f"--out {out} is not empty" in error and "--overwrite" in error
     assert ("the run's base model" in error) == (target == "base model")
     assert fingerprint(out) == before
@@ -254,7 +248,7 @@ def test_training_on_a_broken_model_folder_fails_before_the_data_check(tmp_path,
     data.write_text('{"id": "x", "conversations": [{"images": ["missing.png"], "user": "q", "assistant": "a"}]}\n')
     config = write_yaml(tmp_path / "c.yaml", base_config(broken_model, digits_data, tmp_path / "run",
                                                          train_data=str(data)))
-    error = one_line_error(phivision_here(capfd, "train", str(config)), "train")
+    error = one_line_error(phivision_in_process(capfd, "train", str(config)), "train")
     assert BROKEN[request.node.callspec.params["broken_model"]] in error
     assert "missing.png" not in error
 
@@ -272,7 +266,7 @@ def test_eval_predict_and_export_check_the_model_folder_first(tmp_path, broken_m
         write_yaml(run / "config.yaml", {"model": str(broken_model), "method": "lora",
                                          "train_data": str(digits_data / "small_train.jsonl")})
         args = ["export", "--run", str(run), "--out", str(tmp_path / "out")]
-    error = one_line_error(phivision_here(capfd, *args), command)
+    error = one_line_error(phivision_in_process(capfd, *args), command)
     assert BROKEN["truncated"] in error
 
 
@@ -285,7 +279,7 @@ def test_a_run_whose_only_step_is_at_learning_rate_zero_is_refused(tmp_path, tin
     config = write_yaml(tmp_path / "c.yaml", {"model": str(tiny_model_dir), "train_data": str(data),
                                               "output_dir": str(tmp_path / "run"),
                                               "train_image_root": str(digits_data / "images")})
-    error = one_line_error(phivision_here(capfd, "train", str(config)), "train")
+    error = one_line_error(phivision_in_process(capfd, "train", str(config)), "train")
     assert "makes 1 optimiser step (17 samples, global_batch_size=64, epochs=1) and warm-up takes it at " \
            "learning rate 0 (warmup_steps=50)" in error
     assert not (tmp_path / "run" / "model").exists()
@@ -298,7 +292,7 @@ def test_configs_that_train_less_than_they_seem_get_a_warning_naming_the_fix(tmp
     config = train_config(tmp_path, tiny_model_dir, digits_data, train_data=str(data),
                           train_image_root=str(digits_data / "images"), max_steps=2, warmup_steps=5,
                           eval_data=str(digits_data / "small_test.jsonl"), lora_rank=8)
-    completed = phivision_here(capfd, "train", str(config))
+    completed = phivision_in_process(capfd, "train", str(config))
     assert completed.returncode == 0, completed.stderr
     warnings = [line for line in completed.stderr.splitlines() if line.startswith("phivision train: warning: ")]
     assert len(warnings) == 4, completed.stderr
@@ -325,7 +319,7 @@ def test_the_step_count_is_the_trainers(tiny_model_dir, overrides, samples, worl
 def test_eval_into_an_existing_file_fails_before_generating(tmp_path, tiny_model_dir, digits_data, capfd):
     out = tmp_path / "results.json"
     out.write_text("earlier results")
-    completed = phivision_here(capfd, "eval", "--model", str(tiny_model_dir), "--data",
+    completed = phivision_in_process(capfd, "eval", "--model", str(tiny_model_dir), "--data",
                                str(digits_data / "small_test.jsonl"), "--out", str(out))
     assert f"--out {out} is a file" in one_line_error(completed, "eval")
     assert out.read_text() == "earlier results"

@@ -29,10 +29,8 @@ from phivision.train.run import run_training
 
 
 def train_cli(capfd, config: Path, *args: str) -> subprocess.CompletedProcess:
-    """`phivision train CONFIG ARGS` in this process; asserts it printed no traceback."""
-    completed = phivision_in_process(capfd, "train", str(config), *args)
-    assert "Traceback" not in completed.stdout + completed.stderr, completed.stderr[-3000:]
-    return completed
+    """`phivision train CONFIG ARGS` in this process (see `phivision_in_process`)."""
+    return phivision_in_process(capfd, "train", str(config), *args)
 
 
 def train_process(config: Path, *args: str) -> subprocess.CompletedProcess:
